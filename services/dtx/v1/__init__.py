@@ -1,0 +1,1 @@
+"""Generated from protos/: the dtx v1 API."""

@@ -1,0 +1,1 @@
+"""Test and development infrastructure for dtx (local processes, Kubernetes control plane)."""

@@ -1,0 +1,60 @@
+"""The asyncpg pool: created with a bounded wait for the database, migrated once."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from pathlib import Path
+
+import asyncpg
+
+from dtx_runtime.errors import StartupError
+from dtx_runtime.migrations import apply_migrations, discover
+
+log = logging.getLogger(__name__)
+
+
+def _where(dsn: str) -> str:
+    """The DSN without its password, for error messages."""
+    return dsn.split("@")[-1] if "@" in dsn else dsn
+
+
+async def create_pool(
+    dsn: str, *, min_size: int, max_size: int, connect_timeout_s: float
+) -> asyncpg.Pool:
+    """Open the pool, retrying while the database is still starting, for a bounded time."""
+    deadline = time.monotonic() + connect_timeout_s
+    delay = 0.2
+    last: BaseException | None = None
+    while time.monotonic() < deadline:
+        try:
+            pool = await asyncpg.create_pool(
+                dsn,
+                min_size=min_size,
+                max_size=max_size,
+                timeout=min(10.0, connect_timeout_s),
+                command_timeout=60,
+                # Prepared transactions and statement caching interact badly with
+                # server-side poolers; dtx connects directly, so keep the cache.
+            )
+            if pool is None:  # pragma: no cover - asyncpg's typing allows it
+                raise StartupError("asyncpg returned no pool")
+            return pool
+        except (TimeoutError, OSError, asyncpg.PostgresError) as exc:
+            last = exc
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+    raise StartupError(
+        f"database at {_where(dsn)} not reachable within {connect_timeout_s:g} s: {last}"
+    )
+
+
+async def migrate(pool: asyncpg.Pool, directory: Path, *, scope: str) -> list[int]:
+    """Apply a service's migrations; log what was applied."""
+    migrations = discover(directory)
+    async with pool.acquire() as conn:
+        applied = await apply_migrations(conn, migrations, scope=scope)
+    if applied:
+        log.info("applied migrations %s", applied)
+    return applied
