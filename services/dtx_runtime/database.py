@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import asyncpg
@@ -50,11 +51,16 @@ async def create_pool(
     )
 
 
-async def migrate(pool: asyncpg.Pool, directory: Path, *, scope: str) -> list[int]:
-    """Apply a service's migrations; log what was applied."""
-    migrations = discover(directory)
+async def migrate(
+    pool: asyncpg.Pool, components: Mapping[str, Path], *, scope: str
+) -> dict[str, list[int]]:
+    """Apply each component's migrations in the given order; log what was applied."""
+    applied: dict[str, list[int]] = {}
     async with pool.acquire() as conn:
-        applied = await apply_migrations(conn, migrations, scope=scope)
-    if applied:
-        log.info("applied migrations %s", applied)
+        for component, directory in components.items():
+            applied[component] = await apply_migrations(
+                conn, discover(directory), scope=scope, component=component
+            )
+            if applied[component]:
+                log.info("applied %s migrations %s", component, applied[component])
     return applied

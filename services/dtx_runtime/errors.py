@@ -19,3 +19,37 @@ class MigrationError(DtxError):
 
 class StartupError(DtxError):
     """A dependency (database, Kafka, a port) was not usable in time."""
+
+
+class ServiceError(DtxError):
+    """A request the service refuses; maps to one gRPC status (see :mod:`dtx_runtime.rpc`).
+
+    Domain code raises these without knowing gRPC; the message names the field
+    or the object, e.g. ``items[2].quantity: must be at least 1``.
+    """
+
+    code_name = "INTERNAL"
+
+
+class InvalidArgument(ServiceError):
+    code_name = "INVALID_ARGUMENT"
+
+
+class NotFound(ServiceError):
+    code_name = "NOT_FOUND"
+
+
+class AlreadyExists(ServiceError):
+    code_name = "ALREADY_EXISTS"
+
+
+class FailedPrecondition(ServiceError):
+    code_name = "FAILED_PRECONDITION"
+
+
+class ResourceExhausted(ServiceError):
+    code_name = "RESOURCE_EXHAUSTED"
+
+
+class Unavailable(ServiceError):
+    code_name = "UNAVAILABLE"

@@ -2,6 +2,10 @@
 
 Files are named ``NNNN_description.sql`` and applied in version order, each in
 its own transaction, and recorded with a checksum in ``dtx_schema_migrations``.
+A database holds several components, each with its own numbering: the
+service's own tables and the shared mechanics it uses (the participant
+barrier, the outbox), which live once in the runtime rather than copied into
+every service.
 Two replicas that start at once serialise on a PostgreSQL advisory lock keyed
 by the service, so one applies and the other finds nothing left to do.
 A migration edited after it was applied is refused rather than silently
@@ -26,10 +30,12 @@ _NAME = re.compile(r"^(?P<version>\d{4})_(?P<name>[a-z0-9_]+)\.sql$")
 
 _LEDGER = """
 CREATE TABLE IF NOT EXISTS dtx_schema_migrations (
-    version    integer PRIMARY KEY,
+    component  text NOT NULL,
+    version    integer NOT NULL,
     name       text NOT NULL,
     checksum   text NOT NULL,
-    applied_at timestamptz NOT NULL DEFAULT now()
+    applied_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (component, version)
 )
 """
 
@@ -80,9 +86,13 @@ async def apply_migrations(
     migrations: list[Migration],
     *,
     scope: str,
+    component: str = "service",
     lock_timeout_s: float = 60.0,
 ) -> list[int]:
-    """Apply what is not yet applied; return the versions applied by this call."""
+    """Apply what is not yet applied; return the versions applied by this call.
+
+    ``scope`` names the lock (the service), ``component`` the numbering.
+    """
     key = advisory_lock_key(scope)
     await conn.execute(f"SET lock_timeout = '{int(lock_timeout_s * 1000)}ms'")
     try:
@@ -93,13 +103,16 @@ async def apply_migrations(
         ) from None
     try:
         await conn.execute(_LEDGER)
-        rows = await conn.fetch("SELECT version, name, checksum FROM dtx_schema_migrations")
+        rows = await conn.fetch(
+            "SELECT version, name, checksum FROM dtx_schema_migrations WHERE component = $1",
+            component,
+        )
         applied = {r["version"]: r for r in rows}
         known = {m.version for m in migrations}
         unknown = sorted(set(applied) - known)
         if unknown:
             raise MigrationError(
-                f"the database of {scope} has migrations {unknown} that are not on disk"
+                f"the database of {scope} has {component} migrations {unknown} that are not on disk"
                 " (is an older build running against a newer schema?)"
             )
         done: list[int] = []
@@ -108,15 +121,16 @@ async def apply_migrations(
             if row is not None:
                 if row["checksum"] != migration.checksum:
                     raise MigrationError(
-                        f"migration {migration.version:04d}_{migration.name}.sql of {scope}"
+                        f"{component} migration {migration.version:04d}_{migration.name}.sql of {scope}"
                         " changed after it was applied; add a new migration instead"
                     )
                 continue
             async with conn.transaction():
                 await conn.execute(migration.sql)
                 await conn.execute(
-                    "INSERT INTO dtx_schema_migrations (version, name, checksum)"
-                    " VALUES ($1, $2, $3)",
+                    "INSERT INTO dtx_schema_migrations (component, version, name, checksum)"
+                    " VALUES ($1, $2, $3, $4)",
+                    component,
                     migration.version,
                     migration.name,
                     migration.checksum,

@@ -14,7 +14,7 @@ import contextlib
 import logging
 import signal
 import sys
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generic, TypeVar
@@ -75,13 +75,18 @@ class ServiceContext(Generic[S]):
 
 @dataclass(frozen=True)
 class ServiceDefinition(Generic[S]):
-    """A service: its name, settings type, migrations and how to wire its servicers."""
+    """A service: its name, settings type, migrations and how to wire its servicers.
+
+    ``migrations`` maps a component name to its directory, applied in order:
+    for a participant ``{"barrier": BARRIER_MIGRATIONS, "payments": ...}``.
+    A service with migrations gets a database pool and a readiness check on it.
+    """
 
     name: str
     settings_type: type[S]
     setup: Callable[[ServiceContext[S]], Awaitable[None]]
     grpc_services: Sequence[str]
-    migrations: Path | None = None
+    migrations: Mapping[str, Path] = field(default_factory=dict)
 
 
 async def serve(
@@ -108,7 +113,7 @@ async def serve(
     )
     ctx: ServiceContext[S] = ServiceContext(settings, server, health_state, side_port)
 
-    if definition.migrations is not None:
+    if definition.migrations:
         if not settings.database_url:
             raise DtxError(f"DTX_DATABASE_URL is required by {definition.name}")
         ctx.pool = await create_pool(

@@ -1,0 +1,3 @@
+from dtx_cli.main import app
+
+app()

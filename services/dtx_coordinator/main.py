@@ -1,0 +1,65 @@
+"""Wiring of the coordinator: pools, policy, engine, recovery, gRPC."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+import asyncpg
+
+from dtx.v1 import coordinator_pb2_grpc
+from dtx_coordinator.config import CoordinatorSettings
+from dtx_coordinator.engine import Engine
+from dtx_coordinator.handlers import CoordinatorServicer
+from dtx_coordinator.recovery import run_recovery
+from dtx_coordinator.storage import TransactionLog
+from dtx_runtime import ServiceContext, ServiceDefinition
+from dtx_runtime.policy import PolicyHolder
+
+
+async def setup(ctx: ServiceContext[CoordinatorSettings]) -> None:
+    settings = ctx.settings
+    assert settings.database_url is not None
+    lazy = await asyncpg.create_pool(
+        settings.database_url,
+        min_size=1,
+        max_size=settings.lazy_pool_max,
+        server_settings={"synchronous_commit": "off"},
+    )
+    assert lazy is not None
+    policy = PolicyHolder(settings.policy_file)
+
+    def endpoint(name: str) -> str | None:
+        return policy.current.endpoint_of(name) or settings.participants.get(name)
+
+    # The incarnation suffix tells a restarted replica its predecessor's leases apart.
+    replica_prefix = f"{settings.replica_id}/"
+    engine = Engine(
+        TransactionLog(ctx.db, lazy),
+        policy,
+        endpoint,
+        owner=f"{replica_prefix}{uuid.uuid4().hex[:8]}",
+    )
+    coordinator_pb2_grpc.add_CoordinatorServicer_to_server(CoordinatorServicer(engine), ctx.server)
+    ctx.side_port.add_json_route("/status", lambda: _status(policy))
+    ctx.run_in_background("recovery", lambda: run_recovery(engine, replica_prefix=replica_prefix))
+    ctx.run_in_background("policy-watch", policy.watch)
+
+    async def close() -> None:
+        await engine.close()
+        await lazy.close()
+
+    ctx.on_shutdown(close)
+
+
+async def _status(policy: PolicyHolder) -> dict[str, object]:
+    return {"policyHash": policy.hash}
+
+
+SERVICE = ServiceDefinition(
+    name="coordinator",
+    settings_type=CoordinatorSettings,
+    setup=setup,
+    grpc_services=["dtx.v1.Coordinator"],
+    migrations={"coordinator": Path(__file__).parent / "migrations"},
+)
