@@ -1,0 +1,57 @@
+# dtx — one entry point for people and CI. Every target installs what it needs.
+#
+#   make test   lint, types and every test (unit, integration, e2e) on real servers
+#   make run    (comes with the gateway) the whole system, locally
+#
+# Caches live outside the repository: uv's in ~/.cache/uv, Kafka's jars and the
+# Kubernetes binaries in ~/.cache/dtx, Go's in its defaults.
+
+SHELL := /bin/bash
+export UV_PYTHON_DOWNLOADS := never
+export UV_LINK_MODE := copy
+UV ?= $(shell command -v uv 2>/dev/null || echo $(HOME)/.local/bin/uv)
+PY := .venv/bin/python
+
+.PHONY: install test lint typecheck unit integration e2e protos infra-up infra-down clean
+
+install: .venv/.synced
+
+$(UV):
+	python3 -m pip install --quiet --user uv
+
+.venv/.synced: pyproject.toml uv.lock | $(UV)
+	$(UV) sync --frozen --quiet
+	@touch $@
+
+protos: install
+	bash scripts/gen-protos.sh
+
+lint: install
+	.venv/bin/ruff check .
+	.venv/bin/ruff format --check .
+
+typecheck: install
+	.venv/bin/mypy
+
+unit: install
+	$(PY) -m pytest -m unit
+
+integration: install
+	$(PY) -m pytest -m integration
+
+e2e: install
+	$(PY) -m pytest -m e2e
+
+# The README's test command.
+test: lint typecheck
+	$(PY) -m pytest
+
+infra-up: install
+	.venv/bin/dtx infra up
+
+infra-down: install
+	.venv/bin/dtx infra down
+
+clean:
+	-.venv/bin/dtx infra down
+	rm -rf .venv .dtx
