@@ -40,6 +40,7 @@ from dtx_coordinator.domain import (
 from dtx_coordinator.storage import Attempt, TransactionLog
 from dtx_runtime.channels import Channels
 from dtx_runtime.errors import InvalidArgument, ResourceExhausted, Unavailable
+from dtx_runtime.failpoints import failpoint
 from dtx_runtime.policy import PolicyHolder, TransactionPolicy
 
 log = logging.getLogger(__name__)
@@ -133,7 +134,9 @@ class Engine:
             with _timed("prepare"):
                 await self._prepare_all(txn, policy)
             decision, reason = decide(txn.branches)
+            await failpoint("coordinator.before_decision")
             await self._decide(txn, decision, reason, policy)
+            await failpoint("coordinator.after_decision")
             await self._settle(txn, policy)
             return txn
         finally:

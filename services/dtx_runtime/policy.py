@@ -19,7 +19,7 @@ import hashlib
 import json
 import logging
 import random
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 
 import yaml
@@ -42,12 +42,12 @@ class _Spec(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
 
 
-class Protocol(str, Enum):
+class Protocol(StrEnum):
     TWO_PHASE_COMMIT = "TwoPhaseCommit"
     SAGA = "Saga"
 
 
-class OnExhausted(str, Enum):
+class OnExhausted(StrEnum):
     PARK = "Park"
     ABORT = "Abort"
 

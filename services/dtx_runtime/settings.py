@@ -8,6 +8,7 @@ instead of failing later on the first request that needs it.
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Literal, TypeVar
 
 from pydantic import AliasChoices, Field, ValidationError
@@ -43,6 +44,13 @@ class ServiceSettings(BaseSettings):
 
 SettingsT = TypeVar("SettingsT", bound=ServiceSettings)
 
+_PASSWORD = re.compile(r"(?P<user>//[^/@:\s]*):[^/\s]*@")
+
+
+def _redact(value: object) -> object:
+    """Mask the password of a URL-like value (``//user:secret@`` -> ``//user:***@``)."""
+    return _PASSWORD.sub(r"\g<user>:***@", value) if isinstance(value, str) else value
+
 
 def _env_name(settings_type: type[ServiceSettings], field: str) -> str:
     info = settings_type.model_fields.get(field)
@@ -60,7 +68,7 @@ def describe_validation_error(settings_type: type[ServiceSettings], exc: Validat
     for error in exc.errors():
         field = ".".join(str(p) for p in error["loc"]) or "?"
         name = _env_name(settings_type, str(error["loc"][0])) if error["loc"] else field
-        value = error.get("input")
+        value = _redact(error.get("input"))
         shown = f"={value!r}" if isinstance(value, str | int | float) else ""
         parts.append(f"{name}{shown}: {error['msg']}")
     return "invalid settings: " + "; ".join(parts)

@@ -28,6 +28,7 @@ Saga (forward action committed at once, compensation later):
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import logging
 from dataclasses import dataclass
@@ -37,6 +38,7 @@ import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
 from dtx.v1 import participant_pb2
+from dtx_runtime.failpoints import failpoint
 from dtx_runtime.identifiers import prepared_name
 from dtx_runtime.participant.manager import Refusal, ResourceManager
 
@@ -63,11 +65,11 @@ class Answer:
         return self.vote is Vote.COMMIT
 
 
-class BranchUnknown(Exception):  # noqa: N818
+class BranchUnknown(Exception):
     """Commit of a branch that was never prepared, or that was aborted."""
 
 
-class BranchBusy(Exception):  # noqa: N818
+class BranchBusy(Exception):
     """Another call on the same branch held it for longer than the lock timeout."""
 
 
@@ -86,7 +88,9 @@ ON CONFLICT DO NOTHING
 RETURNING true
 """
 
-_READ = "SELECT outcome, reason, operation FROM dtx_barrier WHERE gid = $1 AND branch = $2 AND op = $3"
+_READ = (
+    "SELECT outcome, reason, operation FROM dtx_barrier WHERE gid = $1 AND branch = $2 AND op = $3"
+)
 
 
 class Barrier:
@@ -127,6 +131,7 @@ class Barrier:
                         await conn.execute("ROLLBACK")
                         return await self._record_no(conn, gid, branch, "prepare", refusal.reason)
                     await conn.execute(f"PREPARE TRANSACTION '{name}'")
+                    await failpoint("participant.after_prepare")
                     return Answer(Vote.COMMIT)
                 except asyncpg.LockNotAvailableError:
                     # The same branch is being prepared, or is prepared, elsewhere.
@@ -168,9 +173,7 @@ class Barrier:
                         if not tombstone:
                             row = await conn.fetchrow(_READ, gid, branch, "prepare")
                             if row is not None and row["outcome"] == "prepared":
-                                raise BranchUnknown(
-                                    f"branch {name} cannot abort: it was committed"
-                                )
+                                raise BranchUnknown(f"branch {name} cannot abort: it was committed")
                         await conn.fetchval(_RECORD, gid, branch, "abort", "aborted", "", None)
                     return
                 except asyncpg.LockNotAvailableError:
@@ -188,9 +191,7 @@ class Barrier:
         async with self._pool.acquire() as conn:
             await conn.execute("BEGIN")
             try:
-                inserted = await conn.fetchval(
-                    _RECORD, gid, branch, "action", "done", "", payload
-                )
+                inserted = await conn.fetchval(_RECORD, gid, branch, "action", "done", "", payload)
                 if not inserted:
                     await conn.execute("ROLLBACK")
                     row = await conn.fetchrow(_READ, gid, branch, "action")
@@ -281,7 +282,5 @@ class Barrier:
 
     @staticmethod
     async def _rollback_prepared(conn: PoolConnectionProxy, name: str) -> None:
-        try:
+        with contextlib.suppress(asyncpg.UndefinedObjectError):
             await conn.execute(f"ROLLBACK PREPARED '{name}'")
-        except asyncpg.UndefinedObjectError:
-            pass

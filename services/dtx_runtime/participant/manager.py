@@ -9,7 +9,7 @@ from asyncpg.pool import PoolConnectionProxy
 from dtx.v1 import participant_pb2
 
 
-class Refusal(Exception):  # noqa: N818 - a business answer, not a fault
+class Refusal(Exception):
     """A business "no": insufficient funds, out of stock. Becomes a vote, not an error."""
 
     def __init__(self, reason: str) -> None:

@@ -25,9 +25,7 @@ class ParticipantSettings(ServiceSettings):
     barrier_retention_hours: int = Field(default=168, ge=1, le=24 * 365)
 
 
-def wire_participant(
-    ctx: ServiceContext[ParticipantSettings], manager: ResourceManager
-) -> Barrier:
+def wire_participant(ctx: ServiceContext[ParticipantSettings], manager: ResourceManager) -> Barrier:
     """Register ``dtx.v1.Participant`` for ``manager`` and start its reaper."""
     settings = ctx.settings
     barrier = Barrier(ctx.db, manager)

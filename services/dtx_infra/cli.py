@@ -1,0 +1,88 @@
+"""``dtx infra up|down|status``: the local servers from a shell.
+
+Every failure ends with exactly one ``error: ...`` line on stderr and exit code 1; any
+multi-line context (a server log's tail) is printed before that line, so the last line a
+developer or CI log shows always says what failed.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Annotated, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from dtx_infra.errors import InfraError
+from dtx_infra.local import LocalInfra
+
+infra_app = typer.Typer(
+    name="infra",
+    help="Run dtx's local PostgreSQL and Kafka (state in .dtx/, or $DTX_STATE_DIR).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+T = TypeVar("T")
+_out = Console(highlight=False, soft_wrap=True)
+
+Timeout = Annotated[float, typer.Option("--timeout", min=1.0, help="Seconds to wait at most.")]
+
+
+def _fail(summary: str, details: str | None = None) -> typer.Exit:
+    err = Console(stderr=True, highlight=False, soft_wrap=True)
+    if details:
+        err.print(details, markup=False, style="dim")
+    err.print(f"error: {summary}", markup=False)
+    return typer.Exit(1)
+
+
+def _guard(action: Callable[[], T]) -> T:
+    """Run ``action``; turn any failure into the one-line error and a non-zero exit."""
+    # aiokafka logs connection attempts while a broker starts; without a handler Python's
+    # last-resort handler would print them to stderr between our lines.
+    logging.getLogger("aiokafka").addHandler(logging.NullHandler())
+    try:
+        return action()
+    except InfraError as exc:
+        raise _fail(exc.summary, exc.details) from None
+    except KeyboardInterrupt:
+        raise _fail("interrupted") from None
+    except Exception as exc:
+        raise _fail(f"unexpected {type(exc).__name__}: {' '.join(str(exc).split())}") from None
+
+
+@infra_app.command()
+def up(timeout: Timeout = 120.0) -> None:
+    """Start PostgreSQL and Kafka (no-op if running) and print their endpoints."""
+    infra = _guard(LocalInfra)
+    eps = _guard(lambda: infra.up(timeout_s=timeout))
+    _out.print(f"postgres  {eps.postgres_host}:{eps.postgres_port}  user={eps.postgres_user}")
+    _out.print(f"kafka     {eps.kafka_bootstrap}")
+    _out.print(f"state     {infra.state_dir}")
+    _out.print("service DSNs:")
+    for name, dsn in eps.service_dsns().items():  # plain lines: easy to copy or grep
+        _out.print(f"  {name:<14} {dsn}")
+
+
+@infra_app.command()
+def down(timeout: Timeout = 30.0) -> None:
+    """Stop the PostgreSQL and Kafka started from this state dir."""
+    infra = _guard(LocalInfra)
+    _guard(lambda: infra.down(timeout_s=timeout))
+    _out.print(f"stopped (state kept in {infra.state_dir})")
+
+
+@infra_app.command()
+def status() -> None:
+    """Show whether each server runs, with its PID and port."""
+    infra = _guard(LocalInfra)
+    st = _guard(infra.status)
+    table = Table("component", "state", "pid", "port", title=f"dtx infra ({st.state_dir})")
+    for comp in st.components:
+        state = "[green]running[/green]" if comp.running else "[dim]stopped[/dim]"
+        table.add_row(comp.name, state, str(comp.pid or "-"), str(comp.port))
+    _out.print(table)

@@ -1,0 +1,54 @@
+"""Loopback port checks.
+
+A server that cannot bind dies with a message buried in its own log, often after a slow JVM
+start; checking first turns that into an immediate, named error.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+
+from dtx_infra.errors import InfraError
+from dtx_infra.settings import HOST
+
+
+def port_is_free(port: int, host: str = HOST) -> bool:
+    """True when a listener could bind ``host:port`` right now.
+
+    SO_REUSEADDR mirrors what PostgreSQL and the JVM set, so a port that only has connections
+    in TIME_WAIT (from a server we just stopped) still counts as free.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def ensure_port_free(port: int, env_var: str, host: str = HOST) -> None:
+    """Raise the standard "port taken" error unless ``port`` is bindable."""
+    if not port_is_free(port, host):
+        raise InfraError(f"port {port} is taken by another process; set {env_var}")
+
+
+def can_connect(port: int, host: str = HOST, timeout_s: float = 1.0) -> bool:
+    """True when something accepts TCP connections on ``host:port``."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
+def wait_port_free(port: int, timeout_s: float, host: str = HOST) -> bool:
+    """Poll until the port is bindable again; False if it still is not after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if port_is_free(port, host):
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.1)

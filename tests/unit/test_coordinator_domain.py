@@ -1,0 +1,125 @@
+"""The coordinator's pure rules: validation, the decision, what phase two owes."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from dtx.v1 import participant_pb2, transactions_pb2
+from dtx_coordinator.domain import (
+    BranchRecord,
+    BranchState,
+    Decision,
+    State,
+    decide,
+    outcome_of,
+    owes_phase_two,
+    validate_request,
+)
+from dtx_runtime.errors import InvalidArgument
+from dtx_runtime.identifiers import InvalidIdentifier
+
+pytestmark = pytest.mark.unit
+
+KNOWN = ["orders", "payments", "inventory"]
+
+
+def branch(name: str, participant: str = "payments") -> transactions_pb2.Branch:
+    return transactions_pb2.Branch(
+        branch=name,
+        participant=participant,
+        operation=participant_pb2.BranchOperation(
+            charge=participant_pb2.ChargeOperation(account_id="a", amount_minor=1)
+        ),
+    )
+
+
+def test_a_valid_request_passes() -> None:
+    validate_request("g-1", [branch("payment"), branch("stock", "inventory")], KNOWN)
+
+
+@pytest.mark.parametrize(
+    ("gid", "branches", "message"),
+    [
+        ("g 1", [branch("a")], "gid"),
+        ("x" * 101, [branch("a")], "gid"),
+        ("g", [], "branches: a transaction needs at least one branch"),
+        ("g", [branch(f"b{i}") for i in range(17)], "branches: at most 16"),
+        ("g", [branch("a"), branch("a")], "branches[1].branch: 'a' appears twice"),
+        ("g", [branch("Bad")], "branches[0].branch"),
+        ("g", [branch("a", "bank")], "branches[0].participant: unknown participant 'bank'"),
+        ("g", [transactions_pb2.Branch(branch="a", participant="orders")], "branches[0].operation"),
+    ],
+)
+def test_malformed_requests_name_the_field(
+    gid: str, branches: list[transactions_pb2.Branch], message: str
+) -> None:
+    with pytest.raises((InvalidArgument, InvalidIdentifier), match=None) as caught:
+        validate_request(gid, branches, KNOWN)
+    assert message in str(caught.value)
+
+
+def record(state: BranchState, reason: str = "", name: str = "b") -> BranchRecord:
+    return BranchRecord(name, "payments", b"", state, reason)
+
+
+def test_commit_only_when_every_branch_voted_yes() -> None:
+    assert decide([record(BranchState.PREPARED), record(BranchState.PREPARED)]) == (
+        Decision.COMMIT,
+        "",
+    )
+
+
+def test_a_no_vote_aborts_with_its_reason_even_after_a_failure() -> None:
+    decision, reason = decide(
+        [
+            record(BranchState.FAILED, "prepare failed: UNAVAILABLE", "stock"),
+            record(BranchState.NO, "insufficient funds", "payment"),
+        ]
+    )
+    assert decision is Decision.ABORT
+    assert reason == "payment: insufficient funds"
+
+
+branch_states = st.sampled_from(
+    [BranchState.PENDING, BranchState.PREPARED, BranchState.NO, BranchState.FAILED]
+)
+
+
+@given(st.lists(branch_states, min_size=1, max_size=16))
+def test_decision_is_commit_iff_all_prepared(states: list[BranchState]) -> None:
+    decision, _ = decide([record(s, name=f"b{i}") for i, s in enumerate(states)])
+    assert (decision is Decision.COMMIT) == all(s is BranchState.PREPARED for s in states)
+
+
+@given(st.lists(branch_states, min_size=1, max_size=16))
+def test_abort_reaches_every_branch_that_may_hold_a_prepared_transaction(
+    states: list[BranchState],
+) -> None:
+    records = [record(s, name=f"b{i}") for i, s in enumerate(states)]
+    owed = {r.branch for r in records if owes_phase_two(r, Decision.ABORT)}
+    # Only a "no" vote proves nothing is held.
+    assert owed == {r.branch for r in records if r.state is not BranchState.NO}
+
+
+def test_commit_goes_to_prepared_branches_only() -> None:
+    assert owes_phase_two(record(BranchState.PREPARED), Decision.COMMIT)
+    assert not owes_phase_two(record(BranchState.COMMITTED), Decision.COMMIT)
+    assert not owes_phase_two(record(BranchState.ABORTED), Decision.ABORT)
+
+
+def test_presumed_abort_outcomes() -> None:
+    assert outcome_of(State.PREPARING, None) == transactions_pb2.OUTCOME_PENDING
+    assert outcome_of(State.COMMITTING, Decision.COMMIT) == transactions_pb2.OUTCOME_COMMITTED
+    assert (
+        outcome_of(State.NEEDS_INTERVENTION, Decision.COMMIT) == transactions_pb2.OUTCOME_COMMITTED
+    )
+    assert outcome_of(State.ABORTED, Decision.ABORT) == transactions_pb2.OUTCOME_ABORTED
+    # Parked before any decision: nothing was logged, so abort.
+    assert outcome_of(State.NEEDS_INTERVENTION, None) == transactions_pb2.OUTCOME_ABORTED
+
+
+def test_branch_records_round_trip_through_the_log_json() -> None:
+    original = BranchRecord("payment", "payments", b"\x00\x01op", BranchState.NO, "why", 3)
+    assert BranchRecord.from_json(original.to_json()) == original
