@@ -6,7 +6,7 @@ set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 out=${1:-"$root/services"}
 mkdir -p "$out/dtx/v1"
-"${PYTHON:-$root/.venv/bin/python}" -m grpc_tools.protoc -I "$root/protos" \
+PATH="$root/.venv/bin:$PATH" "${PYTHON:-$root/.venv/bin/python}" -m grpc_tools.protoc -I "$root/protos" \
   --python_out="$out" --mypy_out="$out" \
   --grpc_python_out="$out" --mypy_grpc_out="$out" \
   "$root"/protos/dtx/v1/*.proto

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13\x64tx/v1/common.proto\x12\x06\x64tx.v1\")\n\x08LineItem\x12\x0b\n\x03sku\x18\x01 \x01(\t\x12\x10\n\x08quantity\x18\x02 \x01(\x03*V\n\x08Protocol\x12\x18\n\x14PROTOCOL_UNSPECIFIED\x10\x00\x12\x1d\n\x19PROTOCOL_TWO_PHASE_COMMIT\x10\x01\x12\x11\n\rPROTOCOL_SAGA\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13\x64tx/v1/common.proto\x12\x06\x64tx.v1\")\n\x08LineItem\x12\x0b\n\x03sku\x18\x01 \x01(\t\x12\x10\n\x08quantity\x18\x02 \x01(\x03*r\n\x08Protocol\x12\x18\n\x14PROTOCOL_UNSPECIFIED\x10\x00\x12\x1d\n\x19PROTOCOL_TWO_PHASE_COMMIT\x10\x01\x12\x11\n\rPROTOCOL_SAGA\x10\x02\x12\x1a\n\x16PROTOCOL_UNCOORDINATED\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,7 +32,7 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'dtx.v1.common_pb2', _global
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_PROTOCOL']._serialized_start=74
-  _globals['_PROTOCOL']._serialized_end=160
+  _globals['_PROTOCOL']._serialized_end=188
   _globals['_LINEITEM']._serialized_start=31
   _globals['_LINEITEM']._serialized_end=72
 # @@protoc_insertion_point(module_scope)

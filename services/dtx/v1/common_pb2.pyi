@@ -28,6 +28,11 @@ class _ProtocolEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Protocol.Val
     PROTOCOL_UNSPECIFIED: _Protocol.ValueType  # 0
     PROTOCOL_TWO_PHASE_COMMIT: _Protocol.ValueType  # 1
     PROTOCOL_SAGA: _Protocol.ValueType  # 2
+    PROTOCOL_UNCOORDINATED: _Protocol.ValueType  # 3
+    """No coordination at all: the same writes by direct calls, not atomic. Only
+    for the benchmark's baseline; refused unless the orders service has
+    DTX_ALLOW_UNCOORDINATED=true.
+    """
 
 class Protocol(_Protocol, metaclass=_ProtocolEnumTypeWrapper):
     """How a global transaction is run."""
@@ -35,6 +40,11 @@ class Protocol(_Protocol, metaclass=_ProtocolEnumTypeWrapper):
 PROTOCOL_UNSPECIFIED: Protocol.ValueType  # 0
 PROTOCOL_TWO_PHASE_COMMIT: Protocol.ValueType  # 1
 PROTOCOL_SAGA: Protocol.ValueType  # 2
+PROTOCOL_UNCOORDINATED: Protocol.ValueType  # 3
+"""No coordination at all: the same writes by direct calls, not atomic. Only
+for the benchmark's baseline; refused unless the orders service has
+DTX_ALLOW_UNCOORDINATED=true.
+"""
 Global___Protocol: _TypeAlias = Protocol  # noqa: Y015
 
 @_typing.final
