@@ -8,7 +8,6 @@ each other exactly as they would from their settings in a cluster.
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,74 +26,50 @@ from dtx.v1 import (
     payments_pb2,
     payments_pb2_grpc,
 )
-from tests.support.processes import ServiceProcess
-
-PARTICIPANTS = ("orders", "payments", "inventory")
+from dtx_cli.system import PARTICIPANTS, LocalSystem
 
 
 @dataclass
 class Stack:
+    """A :class:`LocalSystem` for one test, with clients and data helpers."""
+
     run_dir: Path
     new_database: Callable[[str], str]
     with_saga: bool = False
     coordinators: int = 1
     policy: dict[str, Any] | None = None
     env: dict[str, str] = field(default_factory=dict)
-    procs: dict[str, ServiceProcess] = field(default_factory=dict)
-    dsns: dict[str, str] = field(default_factory=dict)
+    kafka_bootstrap: str | None = None
+    extra_services: tuple[str, ...] = ()
     _channels: list[grpc.aio.Channel] = field(default_factory=list)
 
     def build(self) -> Stack:
-        names = ["coordinator", *PARTICIPANTS] + (["saga"] if self.with_saga else [])
-        for name in names:
-            self.dsns[name] = self.new_database(name)
-        policy_file = self.run_dir / "policy.json"
-        policy_file.write_text(json.dumps(self.policy or {}))
-        self.policy_file = policy_file
-        self.procs = {
-            name: ServiceProcess(name, {}, self.run_dir) for name in (*PARTICIPANTS, "saga")
-        }
-        for i in range(self.coordinators):
-            key = "coordinator" if i == 0 else f"coordinator{i}"
-            self.procs[key] = ServiceProcess("coordinator", {}, self.run_dir)
-            self.procs[key].log_dir = self.run_dir / key
-        participants = ",".join(f"{n}={self.procs[n].endpoint}" for n in PARTICIPANTS)
-        for key, proc in self.procs.items():
-            base = {
-                "DTX_DATABASE_URL": self.dsns.get(proc.name, ""),
-                "DTX_COORDINATOR_ENDPOINT": self.procs["coordinator"].endpoint,
-                "DTX_SAGA_ENDPOINT": self.procs["saga"].endpoint,
-                "DTX_PAYMENTS_ENDPOINT": self.procs["payments"].endpoint,
-                "DTX_INVENTORY_ENDPOINT": self.procs["inventory"].endpoint,
-                "DTX_PARTICIPANTS": participants,
-                "DTX_POLICY_FILE": str(policy_file),
-                "DTX_REPLICA_ID": key,
+        services = ["coordinator", *PARTICIPANTS, *(["saga"] if self.with_saga else [])]
+        self.system = LocalSystem(
+            self.run_dir,
+            self.new_database,
+            services=[*services, *self.extra_services],
+            replicas={"coordinator": self.coordinators},
+            policy=self.policy,
+            kafka_bootstrap=self.kafka_bootstrap,
+            env={
                 "DTX_REAPER_INTERVAL_SECONDS": "1",
                 "DTX_REAPER_THRESHOLD_SECONDS": "2",
                 "DTX_ORDER_RECONCILE_AFTER_SECONDS": "3",
-                "DTX_LOG_LEVEL": "INFO",
-            }
-            proc.env = {**base, **self.env}
+                **self.env,
+            },
+        ).build()
+        self.procs = self.system.procs
+        self.dsns = self.system.dsns
+        self.policy_file = self.system.policy_file
         return self
 
     def start(self) -> Stack:
-        for key, proc in self.procs.items():
-            if key == "saga" and not self.with_saga:
-                continue
-            proc.start(wait=False)
-        for key, proc in self.procs.items():
-            if key == "saga" and not self.with_saga:
-                continue
-            proc.wait_ready(60)
+        self.system.start()
         return self
 
     def stop(self) -> None:
-        for proc in self.procs.values():
-            if proc.process is not None:
-                try:
-                    proc.terminate(15)
-                except Exception:
-                    proc.kill()
+        self.system.stop()
 
     # -- clients -------------------------------------------------------------
 

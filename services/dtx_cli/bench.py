@@ -1,0 +1,363 @@
+"""``dtx bench``: orders/s and latency of each way to place an order, in one run.
+
+Paths, all through the same orders service on the same machine:
+
+* ``2pc`` — two-phase commit through the coordinator;
+* ``saga`` — the saga orchestrator (when it is part of the system);
+* ``direct`` — the same three business writes by direct calls, with no
+  coordination and no atomicity (the baseline DTM publishes against);
+* ``local`` — the same writes in one local transaction in one database (the
+  ceiling: no network, no second database).
+
+Each path runs closed-loop at a fixed concurrency for a fixed time (its peak
+rate), then open-loop at half that rate to measure latency where the system is
+not saturated. Every service's resident memory is sampled during the load.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import random
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import asyncpg
+import grpc
+
+from dtx.v1 import (
+    common_pb2,
+    inventory_pb2,
+    inventory_pb2_grpc,
+    orders_pb2,
+    orders_pb2_grpc,
+    payments_pb2,
+    payments_pb2_grpc,
+)
+from dtx_cli.system import LocalSystem
+
+Call = Callable[[str, dict[str, int]], Awaitable[None]]
+
+PROTOCOLS = {
+    "2pc": common_pb2.PROTOCOL_TWO_PHASE_COMMIT,
+    "saga": common_pb2.PROTOCOL_SAGA,
+    "direct": common_pb2.PROTOCOL_UNCOORDINATED,
+}
+
+
+@dataclass
+class PathResult:
+    path: str
+    peak_orders_per_s: float
+    peak_p50_ms: float
+    peak_p99_ms: float
+    half_rate: float = 0.0
+    p50_ms: float = 0.0
+    p95_ms: float = 0.0
+    p99_ms: float = 0.0
+    errors: int = 0
+    ratio_to_direct: float | None = None
+    rejected: int = 0
+
+
+@dataclass
+class BenchReport:
+    concurrency: int
+    seconds: float
+    results: list[PathResult] = field(default_factory=list)
+    peak_rss_mb: dict[str, float] = field(default_factory=dict)
+
+    def as_json(self) -> str:
+        return json.dumps(asdict(self), separators=(",", ":"))
+
+
+def _pct(samples: list[float], q: float) -> float:
+    if not samples:
+        return 0.0
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
+
+
+def _rss_mb(pid: int) -> float:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+class NotConfirmed(Exception):
+    """An order that did not confirm counts as an error of the run."""
+
+
+class Workload:
+    """Random small orders over many accounts and products, so rows rarely collide."""
+
+    def __init__(self, accounts: list[str], skus: list[str], seed: int = 7) -> None:
+        self.accounts, self.skus = accounts, skus
+        self.rng = random.Random(seed)
+
+    def next(self) -> tuple[str, dict[str, int]]:
+        count = self.rng.choice((1, 2))
+        return self.rng.choice(self.accounts), {s: 1 for s in self.rng.sample(self.skus, count)}
+
+
+async def _closed_loop(
+    call: Call, workload: Workload, concurrency: int, seconds: float
+) -> tuple[list[float], int]:
+    latencies: list[float] = []
+    errors = 0
+    stop_at = time.monotonic() + seconds
+
+    async def worker() -> None:
+        nonlocal errors
+        while time.monotonic() < stop_at:
+            account, items = workload.next()
+            start = time.perf_counter()
+            try:
+                await call(account, items)
+                latencies.append(time.perf_counter() - start)
+            except (grpc.aio.AioRpcError, asyncpg.PostgresError, NotConfirmed):
+                errors += 1
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return latencies, errors
+
+
+async def _open_loop(
+    call: Call, workload: Workload, rate: float, seconds: float
+) -> tuple[list[float], int]:
+    latencies: list[float] = []
+    errors = 0
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def one(account: str, items: dict[str, int]) -> None:
+        nonlocal errors
+        start = time.perf_counter()
+        try:
+            await call(account, items)
+            latencies.append(time.perf_counter() - start)
+        except (grpc.aio.AioRpcError, asyncpg.PostgresError, NotConfirmed):
+            errors += 1
+
+    begin = time.perf_counter()
+    total = int(rate * seconds)
+    for i in range(total):
+        delay = begin + i / rate - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        task = asyncio.create_task(one(*workload.next()))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+    if tasks:
+        await asyncio.wait(tasks, timeout=30)
+    return latencies, errors
+
+
+LOCAL_SCHEMA = """
+CREATE TABLE IF NOT EXISTS accounts (id int PRIMARY KEY, balance_minor bigint NOT NULL CHECK (balance_minor >= 0));
+CREATE TABLE IF NOT EXISTS products (sku text PRIMARY KEY, price_minor bigint NOT NULL,
+    available bigint NOT NULL CHECK (available >= 0), reserved bigint NOT NULL DEFAULT 0);
+CREATE TABLE IF NOT EXISTS orders (id uuid PRIMARY KEY, account_id int NOT NULL, items jsonb NOT NULL,
+    total_minor bigint NOT NULL, status text NOT NULL, created_at timestamptz NOT NULL DEFAULT now());
+"""
+
+
+async def run_bench(
+    infra: object,
+    log_dir: Path,
+    *,
+    concurrency: int = 16,
+    seconds: float = 10.0,
+    paths: tuple[str, ...] = ("local", "direct", "2pc", "saga"),
+    progress: Callable[[str], object] = print,
+) -> BenchReport:
+    """Start a fresh system on ``infra``'s PostgreSQL, load it path by path, tear it down."""
+    postgres = infra.postgres  # type: ignore[attr-defined]
+    created: list[str] = []
+
+    def new_db(service: str) -> str:
+        name = f"bench_{service}_{uuid.uuid4().hex[:6]}"
+        postgres.create_database(name)
+        created.append(name)
+        dsn: str = postgres.dsn(name)
+        return dsn
+
+    services = ["coordinator", "orders", "payments", "inventory"] + (
+        ["saga"] if "saga" in paths else []
+    )
+    system = LocalSystem(
+        log_dir,
+        new_db,
+        services=services,
+        env={
+            "DTX_ALLOW_UNCOORDINATED": "true",
+            "DTX_LOG_LEVEL": "WARNING",
+            "DTX_DB_POOL_MAX": "20",
+        },
+    ).build()
+    report = BenchReport(concurrency, seconds)
+    say = progress
+    try:
+        system.start()
+        channels = {k: grpc.aio.insecure_channel(p.endpoint) for k, p in system.procs.items()}
+        payments = payments_pb2_grpc.PaymentsStub(channels["payments"])
+        inventory = inventory_pb2_grpc.InventoryStub(channels["inventory"])
+        orders = orders_pb2_grpc.OrdersStub(channels["orders"])
+        accounts = [
+            (
+                await payments.CreateAccount(
+                    payments_pb2.CreateAccountRequest(
+                        owner=f"bench-{i}", currency="EUR", balance_minor=10**12
+                    ),
+                    timeout=10,
+                )
+            ).id
+            for i in range(max(64, concurrency * 4))
+        ]
+        skus = [f"SKU-{i:03d}" for i in range(64)]
+        for sku in skus:
+            await inventory.CreateProduct(
+                inventory_pb2.CreateProductRequest(sku=sku, name=sku, price_minor=199, stock=10**9),
+                timeout=10,
+            )
+        local_pool = await _local_pool(new_db("local"), len(accounts), skus)
+
+        rss: dict[str, float] = {}
+
+        async def sample_rss() -> None:
+            while True:
+                for key, proc in system.procs.items():
+                    rss[key] = max(rss.get(key, 0.0), _rss_mb(proc.pid))
+                await asyncio.sleep(0.5)
+
+        sampler = asyncio.create_task(sample_rss())
+        for path in paths:
+            if path == "local":
+                call = _local_call(local_pool)
+                workload = Workload([str(i) for i in range(len(accounts))], skus)
+            else:
+                call = _order_call(orders, PROTOCOLS[path])
+                workload = Workload(accounts, skus)
+            say(f"{path}: warming up")
+            await _closed_loop(call, workload, concurrency, min(2.0, seconds / 2))
+            say(f"{path}: peak, concurrency {concurrency} for {seconds:g} s")
+            latencies, errors = await _closed_loop(call, workload, concurrency, seconds)
+            peak = len(latencies) / seconds
+            result = PathResult(
+                path,
+                round(peak, 1),
+                round(_pct(latencies, 0.5), 2),
+                round(_pct(latencies, 0.99), 2),
+                errors=errors,
+            )
+            half = max(1.0, peak / 2)
+            say(f"{path}: half rate, {half:.0f} orders/s for {seconds:g} s")
+            latencies, errors = await _open_loop(call, workload, half, seconds)
+            result.half_rate = round(half, 1)
+            result.p50_ms = round(_pct(latencies, 0.5), 2)
+            result.p95_ms = round(_pct(latencies, 0.95), 2)
+            result.p99_ms = round(_pct(latencies, 0.99), 2)
+            result.errors += errors
+            report.results.append(result)
+        sampler.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await sampler
+        report.peak_rss_mb = {k: round(v, 1) for k, v in rss.items()}
+        direct = next((r for r in report.results if r.path == "direct"), None)
+        for result in report.results:
+            if direct and direct.peak_orders_per_s:
+                result.ratio_to_direct = round(
+                    result.peak_orders_per_s / direct.peak_orders_per_s, 2
+                )
+        await local_pool.close()
+        for channel in channels.values():
+            await channel.close(grace=None)
+    finally:
+        system.stop()
+        for name in created:
+            with contextlib.suppress(Exception):
+                postgres.drop_database(name)
+    return report
+
+
+def _order_call(
+    orders: orders_pb2_grpc.OrdersAsyncStub, protocol: common_pb2.Protocol.ValueType
+) -> Call:
+    async def call(account: str, items: dict[str, int]) -> None:
+        order = await orders.PlaceOrder(
+            orders_pb2.PlaceOrderRequest(
+                account_id=account,
+                items=[common_pb2.LineItem(sku=s, quantity=q) for s, q in items.items()],
+                protocol=protocol,
+            ),
+            timeout=10,
+        )
+        if order.status != orders_pb2.ORDER_STATUS_CONFIRMED:
+            raise NotConfirmed(f"order {order.id} ended {order.status}: {order.reason}")
+
+    return call
+
+
+async def _local_pool(dsn: str, accounts: int, skus: list[str]) -> asyncpg.Pool:
+    pool = await asyncpg.create_pool(dsn, min_size=4, max_size=20)
+    assert pool is not None
+    async with pool.acquire() as conn:
+        await conn.execute(LOCAL_SCHEMA)
+        await conn.executemany(
+            "INSERT INTO accounts VALUES ($1, $2)", [(i, 10**12) for i in range(accounts)]
+        )
+        await conn.executemany(
+            "INSERT INTO products VALUES ($1, 199, $2)", [(s, 10**9) for s in skus]
+        )
+    return pool
+
+
+def _local_call(pool: asyncpg.Pool) -> Call:
+    async def call(account: str, items: dict[str, int]) -> None:
+        async with pool.acquire() as conn, conn.transaction():
+            total = 0
+            for sku, quantity in sorted(items.items()):
+                price = await conn.fetchval(
+                    "UPDATE products SET available = available - $2, reserved = reserved + $2"
+                    " WHERE sku = $1 AND available >= $2 RETURNING price_minor",
+                    sku,
+                    quantity,
+                )
+                total += price * quantity
+            await conn.execute(
+                "UPDATE accounts SET balance_minor = balance_minor - $2 WHERE id = $1",
+                int(account),
+                total,
+            )
+            await conn.execute(
+                "INSERT INTO orders (id, account_id, items, total_minor, status) VALUES ($1, $2, $3, $4, 'CONFIRMED')",
+                uuid.uuid4(),
+                int(account),
+                json.dumps(items),
+                total,
+            )
+
+    return call
+
+
+def summary_rows(report: BenchReport) -> list[list[str]]:
+    return [
+        [
+            r.path,
+            f"{r.peak_orders_per_s:.0f}",
+            f"{r.ratio_to_direct if r.ratio_to_direct is not None else '-'}",
+            f"{r.half_rate:.0f}",
+            f"{r.p50_ms:.1f}",
+            f"{r.p95_ms:.1f}",
+            f"{r.p99_ms:.1f}",
+            str(r.errors),
+        ]
+        for r in report.results
+    ]
