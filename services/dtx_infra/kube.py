@@ -227,6 +227,18 @@ class ControlPlane:
                     f"--service-account-key-file={pki['sa.pub']}",
                     f"--service-account-signing-key-file={pki['sa.key']}",
                     f"--service-cluster-ip-range={SERVICE_CIDR}",
+                    # Endpoints may not point at loopback, and no pod here could use them.
+                    "--endpoint-reconciler-type=none",
+                    # Front-proxy (request-header) authentication as kubeadm sets it up:
+                    # aggregated API servers and delegated authentication (the controller-
+                    # manager's own endpoint) expect it.
+                    f"--requestheader-client-ca-file={pki['front-proxy-ca.crt']}",
+                    "--requestheader-allowed-names=front-proxy-client",
+                    "--requestheader-username-headers=X-Remote-User",
+                    "--requestheader-group-headers=X-Remote-Group",
+                    "--requestheader-extra-headers-prefix=X-Remote-Extra-",
+                    f"--proxy-client-cert-file={pki['front-proxy-client.crt']}",
+                    f"--proxy-client-key-file={pki['front-proxy-client.key']}",
                     "--profiling=false",
                 ],
             )
@@ -344,10 +356,10 @@ class ControlPlane:
     def _write_pki(self) -> dict[str, Path]:
         """Create the CA, certificates, service-account key and kubeconfigs; return paths.
 
-        One CA signs everything: the serving certificate (also used by the controller-
-        manager), the admin client (O=system:masters), the controller-manager's client
+        One CA signs the serving certificate (also used by the controller-manager), the
+        admin client (O=system:masters), the controller-manager's client
         (CN=system:kube-controller-manager, bound by the default RBAC policy), and CSRs
-        approved in the cluster (--cluster-signing-*).
+        approved in the cluster (--cluster-signing-*); a second one the front proxy.
         """
         self.pki_dir.mkdir(parents=True, exist_ok=True)
         files: dict[str, bytes] = {}
@@ -365,7 +377,19 @@ class ControlPlane:
         )
         admin = _issue("dtx-admin", ca, orgs=("system:masters",))
         kcm = _issue("system:kube-controller-manager", ca)
-        for name, (cert, key) in {"ca": ca, "serving": serving, "admin": admin, "kcm": kcm}.items():
+        # A separate CA, so no certificate from ca (which also signs approved CSRs) can
+        # act as the front proxy and assert arbitrary identities in headers.
+        proxy_ca = _issue("dtx-front-proxy-ca", None, ca=True)
+        proxy_client = _issue("front-proxy-client", proxy_ca)
+        issued = {
+            "ca": ca,
+            "serving": serving,
+            "admin": admin,
+            "kcm": kcm,
+            "front-proxy-ca": proxy_ca,
+            "front-proxy-client": proxy_client,
+        }
+        for name, (cert, key) in issued.items():
             files[f"{name}.crt"] = cert.public_bytes(serialization.Encoding.PEM)
             files[f"{name}.key"] = _key_pem(key)
         sa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
