@@ -1,0 +1,149 @@
+"""Jepsen-style: concurrent orders while processes are SIGKILLed at random; nothing is lost or made up.
+
+A nemesis kills a random service (coordinator, participants, orders) every
+few seconds and restarts it; clients keep placing orders and tolerate the
+errors. Once the nemesis stops and recovery has run, money and stock must be
+conserved, no balance or stock negative, every order terminal, and no
+prepared transaction left anywhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import grpc
+import pytest
+
+from dtx.v1 import common_pb2, orders_pb2
+from tests.support.stack import Stack
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(420)]
+
+ACCOUNTS, BALANCE = 8, 5_000
+PRODUCTS = {"APPLE": (100, 40), "PEAR": (150, 40), "PLUM": (300, 30), "FIG": (250, 25)}
+TERMINAL = {
+    orders_pb2.ORDER_STATUS_CONFIRMED,
+    orders_pb2.ORDER_STATUS_REJECTED,
+    orders_pb2.ORDER_STATUS_FAILED,
+    orders_pb2.ORDER_STATUS_CANCELLED,
+}
+STATUS_NAMES = {"PENDING", "CONFIRMED", "REJECTED", "FAILED", "CANCELLED"}
+
+
+@pytest.fixture
+async def stack(run_dir: Path, new_database: Callable[[str], str]) -> AsyncIterator[Stack]:
+    system = (
+        Stack(
+            run_dir,
+            new_database,
+            policy={"recovery": {"intervalMs": 300}, "timeouts": {"transactionMs": 4000}},
+        )
+        .build()
+        .start()
+    )
+    try:
+        yield system
+    finally:
+        await system.close_channels()
+        system.stop()
+
+
+async def check_invariants(stack: Stack, accounts: list[str]) -> Counter[str]:
+    orders = await stack.fetch("orders", "SELECT id::text, status, total_minor, items FROM orders")
+    statuses = Counter(r["status"] for r in orders)
+    assert set(statuses) <= STATUS_NAMES - {"PENDING"}, f"orders not terminal: {statuses}"
+    confirmed = [r for r in orders if r["status"] == "CONFIRMED"]
+
+    balances = await stack.fetch("payments", "SELECT balance_minor FROM accounts")
+    assert all(r["balance_minor"] >= 0 for r in balances)
+    charged = sum(r["total_minor"] for r in confirmed)
+    assert sum(r["balance_minor"] for r in balances) + charged == ACCOUNTS * BALANCE, (
+        "money was created or destroyed"
+    )
+    ledger = await stack.fetch(
+        "payments",
+        "SELECT order_id, sum(amount_minor)::bigint AS net FROM ledger"
+        " WHERE kind IN ('charge', 'refund') GROUP BY order_id",
+    )
+    net = {r["order_id"]: -r["net"] for r in ledger if r["net"] != 0}
+    assert net == {r["id"]: r["total_minor"] for r in confirmed}, "ledger disagrees with orders"
+
+    wanted: Counter[str] = Counter()
+    for row in confirmed:
+        for item in json.loads(row["items"]):
+            wanted[item["sku"]] += item["quantity"]
+    products = await stack.fetch("inventory", "SELECT sku, available, reserved FROM products")
+    for row in products:
+        assert row["available"] >= 0
+        assert row["reserved"] >= 0
+        assert row["available"] + row["reserved"] == PRODUCTS[row["sku"]][1], (
+            f"{row['sku']} not conserved"
+        )
+        assert row["reserved"] == wanted[row["sku"]], f"{row['sku']} reserved disagrees with orders"
+    assert await stack.prepared() == [], "prepared transactions left behind"
+    return statuses
+
+
+async def test_money_and_stock_are_conserved_while_processes_die(stack: Stack) -> None:
+    accounts = await stack.seed(ACCOUNTS, BALANCE, PRODUCTS)
+    rng = random.Random(20261121)
+    stop = asyncio.Event()
+    placed = 0
+    client_errors = 0
+
+    async def client(worker: int) -> None:
+        nonlocal placed, client_errors
+        while not stop.is_set() and placed < 400:
+            skus = rng.sample(sorted(PRODUCTS), rng.choice((1, 2)))
+            try:
+                await stack.place(
+                    rng.choice(accounts),
+                    {s: rng.randint(1, 3) for s in skus},
+                    protocol=common_pb2.PROTOCOL_TWO_PHASE_COMMIT,
+                    key=f"w{worker}-{placed}",
+                    timeout=10,
+                )
+            except grpc.aio.AioRpcError:
+                client_errors += 1
+                await asyncio.sleep(0.2)
+            placed += 1
+
+    kills: list[str] = []
+
+    async def nemesis() -> None:
+        victims = ["coordinator", "payments", "inventory", "orders"]
+        for _ in range(8):
+            await asyncio.sleep(rng.uniform(1.5, 3.0))
+            victim = rng.choice(victims)
+            kills.append(victim)
+            proc = stack.procs[victim]
+            proc.kill()
+            await asyncio.sleep(rng.uniform(0.3, 1.2))
+            await asyncio.to_thread(proc.start)
+        stop.set()
+
+    await asyncio.gather(nemesis(), *(client(i) for i in range(4)))
+    assert len(kills) == 8
+
+    async def settled() -> bool:
+        pending = await stack.fetch(
+            "orders", "SELECT count(*) AS n FROM orders WHERE status = 'PENDING'"
+        )
+        return pending[0]["n"] == 0 and not await stack.prepared()
+
+    await stack.wait_until(
+        settled, timeout=90, what="every order terminal and no prepared transaction"
+    )
+    statuses = await check_invariants(stack, accounts)
+    parked = await stack.fetch(
+        "coordinator",
+        "SELECT gid, reason FROM global_transactions WHERE state <> 'COMMITTED' AND state <> 'ABORTED'",
+    )
+    assert parked == [], f"transactions not finished: {parked}"
+    print(f"orders {dict(statuses)}, client errors {client_errors}, kills {kills}")
+    assert statuses["CONFIRMED"] > 0
