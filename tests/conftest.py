@@ -27,11 +27,13 @@ def infra() -> Iterator[object]:
     os.environ.setdefault("DTX_KAFKA_PORT", "59192")
     os.environ.setdefault("DTX_KAFKA_CONTROLLER_PORT", "59193")
     local = LocalInfra(state_dir=TEST_STATE)
+    # Servers already up belong to another session (or a developer): leave them up.
+    started_here = not local.status().all_running
     local.up(timeout_s=180)
     try:
         yield local
     finally:
-        if not os.environ.get("DTX_TEST_KEEP_INFRA"):
+        if started_here and not os.environ.get("DTX_TEST_KEEP_INFRA"):
             local.down()
 
 

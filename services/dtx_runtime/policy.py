@@ -82,8 +82,11 @@ class Retries(_Spec):
 
     def backoff_ms(self, attempt: int, rng: random.Random | None = None) -> int:
         """Delay before retry number ``attempt`` (1-based): exponential, capped, jittered."""
-        base = self.backoff_initial_ms * (self.backoff_multiplier_percent / 100) ** (attempt - 1)
-        capped = min(float(self.backoff_max_ms), base)
+        try:
+            growth = (self.backoff_multiplier_percent / 100) ** (attempt - 1)
+        except OverflowError:  # recovery counts up to 1000 attempts: far past the cap
+            growth = float("inf")
+        capped = min(float(self.backoff_max_ms), self.backoff_initial_ms * growth)
         spread = capped * self.jitter_percent / 100
         jitter = (rng or random).uniform(-spread, spread)
         return max(1, round(capped + jitter))
@@ -144,7 +147,8 @@ def parse_policy(text: str, source: str = "policy") -> TransactionPolicy:
     try:
         data = yaml.safe_load(text) if text.strip() else {}
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{source}: not valid YAML or JSON: {exc}") from None
+        where = " ".join(str(exc).split())  # PyYAML's report spans lines; keep one
+        raise ConfigError(f"{source}: not valid YAML or JSON: {where}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: must be a mapping of policy fields")
     try:

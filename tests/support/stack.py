@@ -55,7 +55,10 @@ class Stack:
             env={
                 "DTX_REAPER_INTERVAL_SECONDS": "1",
                 "DTX_REAPER_THRESHOLD_SECONDS": "2",
-                "DTX_ORDER_RECONCILE_AFTER_SECONDS": "3",
+                "DTX_ORDER_RECONCILE_AFTER_SECONDS": "5",
+                "DTX_ORDER_RECONCILE_INTERVAL_SECONDS": "1",
+                "DTX_TRANSACTION_TIMEOUT_MS": "3000",
+                "DTX_TRANSACTION_CALL_MARGIN_SECONDS": "1",
                 **self.env,
             },
         ).build()

@@ -101,7 +101,7 @@ class Barrier:
         pool: asyncpg.Pool,
         manager: ResourceManager,
         *,
-        lock_timeout_ms: int = 2000,
+        lock_timeout_ms: int = 1000,
         lock_attempts: int = 5,
     ) -> None:
         self._pool = pool
@@ -130,6 +130,14 @@ class Barrier:
                     except Refusal as refusal:
                         await conn.execute("ROLLBACK")
                         return await self._record_no(conn, gid, branch, "prepare", refusal.reason)
+                    except asyncpg.LockNotAvailableError:
+                        # A business row (account, product) is held by another
+                        # prepared branch: contention, not a refusal. The
+                        # coordinator may retry within its prepare budget.
+                        await conn.execute("ROLLBACK")
+                        raise BranchBusy(
+                            f"branch {name}: a row it needs is held by another transaction"
+                        ) from None
                     await conn.execute(f"PREPARE TRANSACTION '{name}'")
                     await failpoint("participant.after_prepare")
                     return Answer(Vote.COMMIT)

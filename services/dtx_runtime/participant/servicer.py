@@ -53,6 +53,10 @@ async def _guarded(action: str, context: Context, call: Callable[[], Awaitable[T
     except (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError) as exc:
         CALLS.labels(action, "error").inc()
         await context.abort(grpc.StatusCode.UNAVAILABLE, f"database unavailable: {exc}")
+    except asyncpg.PostgresError as exc:
+        # Not a refusal the manager foresaw: say what PostgreSQL said, as INTERNAL.
+        CALLS.labels(action, "error").inc()
+        await context.abort(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}")
     finally:
         LATENCY.labels(action).observe(time.perf_counter() - start)
     if isinstance(result, Answer):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import timedelta
+from typing import TypeVar
 
 from pydantic import Field
 
@@ -25,7 +26,10 @@ class ParticipantSettings(ServiceSettings):
     barrier_retention_hours: int = Field(default=168, ge=1, le=24 * 365)
 
 
-def wire_participant(ctx: ServiceContext[ParticipantSettings], manager: ResourceManager) -> Barrier:
+P = TypeVar("P", bound=ParticipantSettings)
+
+
+def wire_participant(ctx: ServiceContext[P], manager: ResourceManager) -> Barrier:
     """Register ``dtx.v1.Participant`` for ``manager`` and start its reaper."""
     settings = ctx.settings
     barrier = Barrier(ctx.db, manager)

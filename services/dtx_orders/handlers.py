@@ -1,0 +1,314 @@
+"""``dtx.v1.Orders``: place an order under a global transaction, read orders.
+
+PlaceOrder validates, prices the items from inventory (never from the
+caller), stores the order PENDING and runs its transaction (two-phase commit
+through the coordinator, or a saga through the orchestrator). The order's own
+branch confirms it; a refused or failed transaction is recorded here. When the
+outcome is not known in time the order is answered PENDING and the reconciler
+settles it later from the coordinator's log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+
+import asyncpg
+import grpc
+
+from dtx.v1 import (
+    coordinator_pb2,
+    coordinator_pb2_grpc,
+    inventory_pb2,
+    inventory_pb2_grpc,
+    orders_pb2,
+    orders_pb2_grpc,
+    payments_pb2,
+    payments_pb2_grpc,
+    saga_pb2,
+    saga_pb2_grpc,
+)
+from dtx_orders import domain, storage
+from dtx_orders.domain import NewOrder, OrderRequest, Protocol, Settlement, Status
+from dtx_orders.metrics import ORDER_SECONDS, ORDERS
+from dtx_runtime.errors import (
+    AlreadyExists,
+    InvalidArgument,
+    NotFound,
+    ServiceError,
+    Unavailable,
+)
+from dtx_runtime.rpc import Context, rpc
+
+log = logging.getLogger(__name__)
+
+SETTLE_LOCK_TIMEOUT_MS = 1000
+"""How long a settling UPDATE waits for a prepared transaction that still holds the order."""
+
+CONFIRM_WAIT_S = 1.0
+"""After a commit, how long PlaceOrder waits for phase two to make the order CONFIRMED."""
+
+_RETRYABLE = (
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.CANCELLED,
+)
+
+
+@dataclass(frozen=True)
+class Remotes:
+    """The services orders calls, over channels reused for every call."""
+
+    payments: payments_pb2_grpc.PaymentsAsyncStub
+    inventory: inventory_pb2_grpc.InventoryAsyncStub
+    coordinator: coordinator_pb2_grpc.CoordinatorAsyncStub
+    saga: saga_pb2_grpc.SagaOrchestratorAsyncStub
+
+
+def to_proto(row: asyncpg.Record) -> orders_pb2.Order:
+    items = json.loads(row["items"]) if isinstance(row["items"], str) else row["items"]
+    order = orders_pb2.Order(
+        id=str(row["id"]),
+        account_id=str(row["account_id"]),
+        items=[
+            orders_pb2.OrderItem(
+                sku=item["sku"],
+                quantity=item["quantity"],
+                unit_price_minor=item["unit_price_minor"],
+            )
+            for item in items
+        ],
+        total_minor=row["total_minor"],
+        currency=row["currency"],
+        protocol=domain.PROTOCOL_TO_PROTO[Protocol(row["protocol"])],
+        status=domain.STATUS_TO_PROTO[Status(row["status"])],
+        reason=row["reason"],
+        gid=row["gid"],
+        idempotency_key=row["idempotency_key"] or "",
+    )
+    order.created_at.FromDatetime(row["created_at"])
+    order.updated_at.FromDatetime(row["updated_at"])
+    return order
+
+
+def _remote_failure(service: str, exc: grpc.aio.AioRpcError) -> ServiceError:
+    if exc.code() in _RETRYABLE:
+        return Unavailable(
+            f"{service} unavailable: {exc.code().name} {exc.details() or ''}".strip()
+        )
+    return ServiceError(f"{service} answered {exc.code().name}: {exc.details() or ''}".strip())
+
+
+class OrdersServicer(orders_pb2_grpc.OrdersServicer):
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        remotes: Remotes,
+        *,
+        transaction_timeout_ms: int,
+        transaction_call_s: float,
+        lookup_timeout_s: float,
+    ) -> None:
+        self._pool = pool
+        self._remotes = remotes
+        self._transaction_timeout_ms = transaction_timeout_ms
+        self._transaction_call_s = transaction_call_s
+        self._lookup_timeout_s = lookup_timeout_s
+
+    # -- API ---------------------------------------------------------------
+
+    @rpc
+    async def PlaceOrder(
+        self, request: orders_pb2.PlaceOrderRequest, context: Context
+    ) -> orders_pb2.Order:
+        start = time.perf_counter()
+        order_request = domain.validate_place_order(request)
+        key = order_request.idempotency_key
+        if key is not None:
+            async with self._pool.acquire() as conn:
+                existing = await storage.get_by_key(conn, key)
+            if existing is not None:
+                return _replay(existing, order_request)
+
+        currency, prices = await self._prices(order_request)
+        lines = domain.price_items(order_request.items, prices, currency)
+        order = domain.new_order(order_request, lines, currency)
+        async with self._pool.acquire() as conn:
+            row = await storage.insert_order(conn, order)
+            if row is None:  # another request took the key since the lookup above
+                assert key is not None
+                existing = await storage.get_by_key(conn, key)
+                if existing is None:  # pragma: no cover - orders are never deleted
+                    raise Unavailable(f"idempotency_key {key!r}: conflicting order vanished; retry")
+                return _replay(existing, order_request)
+
+        row = await self._run(order, row)
+        status = Status(row["status"])
+        ORDERS.labels(order.protocol.value, status.value).inc()
+        ORDER_SECONDS.labels(order.protocol.value).observe(time.perf_counter() - start)
+        return to_proto(row)
+
+    @rpc
+    async def GetOrder(
+        self, request: orders_pb2.GetOrderRequest, context: Context
+    ) -> orders_pb2.Order:
+        order_id = domain.parse_uuid(request.order_id, "order_id")
+        async with self._pool.acquire() as conn:
+            row = await storage.get_order(conn, order_id)
+        if row is None:
+            raise NotFound(f"order {order_id} not found")
+        return to_proto(row)
+
+    @rpc
+    async def ListOrders(
+        self, request: orders_pb2.ListOrdersRequest, context: Context
+    ) -> orders_pb2.ListOrdersResponse:
+        account_id = domain.parse_uuid(request.account_id, "account_id")
+        limit = domain.validate_list_limit(request.limit)
+        async with self._pool.acquire() as conn:
+            rows = await storage.list_orders(conn, account_id, limit)
+        return orders_pb2.ListOrdersResponse(orders=[to_proto(r) for r in rows])
+
+    # -- pricing -----------------------------------------------------------
+
+    async def _prices(self, request: OrderRequest) -> tuple[str, dict[str, domain.Price]]:
+        """The account's currency and the items' prices, asked of payments and inventory at once."""
+        account_call = self._remotes.payments.GetAccount(
+            payments_pb2.GetAccountRequest(account_id=str(request.account_id)),
+            timeout=self._lookup_timeout_s,
+        )
+        products_call = self._remotes.inventory.GetProducts(
+            inventory_pb2.GetProductsRequest(skus=[line.sku for line in request.items]),
+            timeout=self._lookup_timeout_s,
+        )
+        account, products = await asyncio.gather(
+            account_call, products_call, return_exceptions=True
+        )
+        if isinstance(account, grpc.aio.AioRpcError):
+            if account.code() == grpc.StatusCode.NOT_FOUND:
+                raise NotFound(f"account_id {request.account_id} not found")
+            if account.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                raise InvalidArgument(f"account_id: {account.details()}")
+            raise _remote_failure("payments", account)
+        if isinstance(account, BaseException):
+            raise account
+        if isinstance(products, grpc.aio.AioRpcError):
+            raise _remote_failure("inventory", products)
+        if isinstance(products, BaseException):
+            raise products
+        prices = {
+            p.sku: domain.Price(price_minor=p.price_minor, currency=p.currency)
+            for p in products.products
+        }
+        return account.currency, prices
+
+    # -- the transaction ---------------------------------------------------
+
+    async def _run(self, order: NewOrder, row: asyncpg.Record) -> asyncpg.Record:
+        """Run the order's global transaction and return the order as it then stands."""
+        if order.protocol is Protocol.TWO_PHASE_COMMIT:
+            settlement = await self._run_two_phase(order)
+        else:
+            settlement = await self._run_saga(order)
+        if settlement is None:
+            return await self._reread(order.id, row)
+        if settlement.status is Status.CONFIRMED:
+            return await self._await_confirmed(order.id, row)
+        settled = await settle(self._pool, order.id, settlement)
+        return settled if settled is not None else await self._reread(order.id, row)
+
+    async def _run_two_phase(self, order: NewOrder) -> Settlement | None:
+        request = coordinator_pb2.RunTransactionRequest(
+            gid=order.gid,
+            branches=domain.two_phase_branches(order),
+            timeout_ms=self._transaction_timeout_ms,
+        )
+        try:
+            reply = await self._remotes.coordinator.RunTransaction(
+                request, timeout=self._transaction_call_s
+            )
+        except grpc.aio.AioRpcError as exc:
+            # Whatever happened, the coordinator's log decides; the reconciler reads it.
+            log.warning(
+                "order %s left PENDING: RunTransaction failed with %s: %s",
+                order.id,
+                exc.code().name,
+                exc.details(),
+            )
+            return None
+        return domain.settle_two_phase(reply.transaction)
+
+    async def _run_saga(self, order: NewOrder) -> Settlement | None:
+        request = saga_pb2.RunSagaRequest(
+            gid=order.gid,
+            steps=domain.saga_steps(order),
+            timeout_ms=self._transaction_timeout_ms,
+        )
+        try:
+            reply = await self._remotes.saga.RunSaga(request, timeout=self._transaction_call_s)
+        except grpc.aio.AioRpcError as exc:
+            log.warning(
+                "order %s left PENDING: RunSaga failed with %s: %s",
+                order.id,
+                exc.code().name,
+                exc.details(),
+            )
+            return None
+        return domain.settle_saga(reply.saga)
+
+    async def _reread(self, order_id: uuid.UUID, fallback: asyncpg.Record) -> asyncpg.Record:
+        async with self._pool.acquire() as conn:
+            row = await storage.get_order(conn, order_id)
+        return row if row is not None else fallback
+
+    async def _await_confirmed(
+        self, order_id: uuid.UUID, fallback: asyncpg.Record
+    ) -> asyncpg.Record:
+        """The order after its commit: CONFIRMED once phase two reached the orders branch."""
+        deadline = time.monotonic() + CONFIRM_WAIT_S
+        delay = 0.02
+        while True:
+            row = await self._reread(order_id, fallback)
+            if row["status"] != Status.PENDING.value or time.monotonic() >= deadline:
+                return row
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.2)
+
+
+def _replay(existing: asyncpg.Record, request: OrderRequest) -> orders_pb2.Order:
+    """The answer to a request whose idempotency key is taken: the same order, or a refusal."""
+    if existing["request_hash"] != request.request_hash:
+        raise AlreadyExists(
+            f"idempotency_key {request.idempotency_key!r} was used for another request"
+            f" (order {existing['id']})"
+        )
+    return to_proto(existing)
+
+
+async def settle(
+    pool: asyncpg.Pool, order_id: uuid.UUID, settlement: Settlement
+) -> asyncpg.Record | None:
+    """Move a PENDING order to the settlement's status; None if it was not PENDING or is held.
+
+    A prepared transaction of the order's own branch that was not rolled back
+    yet holds the row; the update then gives up after a second and the order
+    stays PENDING for the reconciler.
+    """
+    domain.check_transition(Status.PENDING, settlement.status)
+    async with pool.acquire() as conn:
+        try:
+            return await storage.settle(
+                conn,
+                order_id,
+                settlement.status,
+                settlement.reason,
+                lock_timeout_ms=SETTLE_LOCK_TIMEOUT_MS,
+            )
+        except asyncpg.LockNotAvailableError:
+            log.info("order %s is still held by its transaction; settling it later", order_id)
+            return None

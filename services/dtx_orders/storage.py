@@ -1,0 +1,136 @@
+"""Orders' SQL: functions over a connection.
+
+Status changes are conditional UPDATEs (``WHERE status = 'PENDING'``): the
+database, not a read-then-write in Python, decides which of two concurrent
+settlers wins. While a two-phase commit holds the order's row in a prepared
+transaction, an update of it would wait until phase two; ``lock_timeout``
+bounds that wait and the order is settled later instead.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from datetime import datetime
+
+import asyncpg
+from asyncpg.pool import PoolConnectionProxy
+
+from dtx_orders.domain import NewOrder, Status
+
+Conn = asyncpg.Connection | PoolConnectionProxy
+
+_COLUMNS = (
+    "id, account_id, items, total_minor, currency, protocol, status, reason, gid,"
+    " idempotency_key, request_hash, created_at, updated_at"
+)
+
+
+async def insert_order(conn: Conn, order: NewOrder) -> asyncpg.Record | None:
+    """The stored order, or None when another order holds its idempotency key."""
+    return await conn.fetchrow(
+        "INSERT INTO orders (id, account_id, items, total_minor, currency, protocol, gid,"
+        " idempotency_key, request_hash) VALUES ($1, $2, $3::jsonb, $4, $5, $6, $7, $8, $9)"
+        f" ON CONFLICT (idempotency_key) DO NOTHING RETURNING {_COLUMNS}",
+        order.id,
+        order.account_id,
+        json.dumps([line.to_json() for line in order.lines]),
+        order.total_minor,
+        order.currency,
+        order.protocol.value,
+        order.gid,
+        order.idempotency_key,
+        order.request_hash,
+    )
+
+
+async def get_order(conn: Conn, order_id: uuid.UUID) -> asyncpg.Record | None:
+    return await conn.fetchrow(f"SELECT {_COLUMNS} FROM orders WHERE id = $1", order_id)
+
+
+async def get_by_key(conn: Conn, key: str) -> asyncpg.Record | None:
+    return await conn.fetchrow(f"SELECT {_COLUMNS} FROM orders WHERE idempotency_key = $1", key)
+
+
+async def list_orders(conn: Conn, account_id: uuid.UUID, limit: int) -> list[asyncpg.Record]:
+    return await conn.fetch(
+        f"SELECT {_COLUMNS} FROM orders WHERE account_id = $1"
+        " ORDER BY created_at DESC, id DESC LIMIT $2",
+        account_id,
+        limit,
+    )
+
+
+async def settle(
+    conn: Conn, order_id: uuid.UUID, status: Status, reason: str, *, lock_timeout_ms: int
+) -> asyncpg.Record | None:
+    """PENDING → ``status``; the updated order, or None when it was no longer PENDING.
+
+    Raises :class:`asyncpg.LockNotAvailableError` when a prepared transaction
+    still holds the row after ``lock_timeout_ms``.
+    """
+    async with conn.transaction():
+        await conn.execute(f"SET LOCAL lock_timeout = {int(lock_timeout_ms)}")
+        return await conn.fetchrow(
+            "UPDATE orders SET status = $2, reason = $3, updated_at = now()"
+            f" WHERE id = $1 AND status = 'PENDING' RETURNING {_COLUMNS}",
+            order_id,
+            status.value,
+            reason,
+        )
+
+
+async def confirm(conn: Conn, order_id: uuid.UUID, gid: str) -> bool:
+    """PENDING → CONFIRMED by the order's own transaction, in the caller's (barrier) transaction."""
+    done = await conn.fetchval(
+        "UPDATE orders SET status = 'CONFIRMED', updated_at = now()"
+        " WHERE id = $1 AND gid = $2 AND status = 'PENDING' RETURNING true",
+        order_id,
+        gid,
+    )
+    return bool(done)
+
+
+async def status_of(conn: Conn, order_id: uuid.UUID) -> tuple[Status, str] | None:
+    """The order's status and gid."""
+    row = await conn.fetchrow("SELECT status, gid FROM orders WHERE id = $1", order_id)
+    return None if row is None else (Status(row["status"]), row["gid"])
+
+
+async def cancel_confirmed(conn: Conn, order_id: uuid.UUID, reason: str) -> bool:
+    """CONFIRMED → CANCELLED (a saga's compensation), in the caller's transaction."""
+    done = await conn.fetchval(
+        "UPDATE orders SET status = 'CANCELLED', reason = $2, updated_at = now()"
+        " WHERE id = $1 AND status = 'CONFIRMED' RETURNING true",
+        order_id,
+        reason,
+    )
+    return bool(done)
+
+
+async def pending_older_than(
+    conn: Conn,
+    age_s: float,
+    *,
+    after: tuple[datetime, uuid.UUID] | None,
+    limit: int,
+) -> list[asyncpg.Record]:
+    """A page of PENDING orders created over ``age_s`` ago, oldest first, after a cursor."""
+    if after is None:
+        return await conn.fetch(
+            "SELECT id, gid, protocol, created_at FROM orders"
+            " WHERE status = 'PENDING' AND created_at < now() - make_interval(secs => $1)"
+            " ORDER BY created_at, id LIMIT $2",
+            age_s,
+            limit,
+        )
+    return await conn.fetch(
+        "SELECT id, gid, protocol, created_at FROM orders"
+        " WHERE status = 'PENDING' AND created_at < now() - make_interval(secs => $1)"
+        " AND (created_at, id) > ($2, $3)"
+        " ORDER BY created_at, id LIMIT $4",
+        age_s,
+        after[0],
+        after[1],
+        limit,
+    )

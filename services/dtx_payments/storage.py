@@ -1,0 +1,93 @@
+"""Payments' SQL: functions over a connection, each a single statement where it can be.
+
+A charge and its ledger row are one statement (a data-modifying CTE), so the
+hot path of a prepare is one round trip besides the barrier's own.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+import asyncpg
+from asyncpg.pool import PoolConnectionProxy
+
+from dtx_payments.domain import AccountState, Charge, NewAccount
+
+Conn = asyncpg.Connection | PoolConnectionProxy
+
+_ACCOUNT_COLUMNS = "id, owner, currency, balance_minor, created_at"
+
+_CREATE = f"""
+WITH account AS (
+    INSERT INTO accounts (id, owner, currency, balance_minor)
+    VALUES ($1, $2, $3, $4)
+    RETURNING {_ACCOUNT_COLUMNS}
+), opened AS (
+    INSERT INTO ledger (account_id, kind, amount_minor)
+    SELECT id, 'open', balance_minor FROM account
+)
+SELECT {_ACCOUNT_COLUMNS} FROM account
+"""
+
+_CHARGE = """
+WITH debited AS (
+    UPDATE accounts SET balance_minor = balance_minor - $2
+    WHERE id = $1 AND currency = $3 AND balance_minor >= $2
+    RETURNING id, balance_minor
+)
+INSERT INTO ledger (account_id, gid, branch, order_id, kind, amount_minor)
+SELECT id, $4, $5, NULLIF($6, ''), 'charge', -$2::bigint FROM debited
+RETURNING (SELECT balance_minor FROM debited)
+"""
+
+# The refund is what the ledger says this branch charged, not what the caller says.
+_REFUND = """
+WITH charged AS (
+    SELECT account_id, -amount_minor AS amount, order_id
+    FROM ledger WHERE gid = $1 AND branch = $2 AND kind = 'charge'
+), credited AS (
+    UPDATE accounts a SET balance_minor = a.balance_minor + c.amount
+    FROM charged c WHERE a.id = c.account_id
+    RETURNING a.id, c.amount, c.order_id
+)
+INSERT INTO ledger (account_id, gid, branch, order_id, kind, amount_minor)
+SELECT id, $1, $2, order_id, 'refund', amount FROM credited
+RETURNING amount_minor
+"""
+
+
+async def create_account(conn: Conn, account_id: uuid.UUID, new: NewAccount) -> asyncpg.Record:
+    row = await conn.fetchrow(_CREATE, account_id, new.owner, new.currency, new.balance_minor)
+    assert row is not None
+    return row
+
+
+async def get_account(conn: Conn, account_id: uuid.UUID) -> asyncpg.Record | None:
+    return await conn.fetchrow(f"SELECT {_ACCOUNT_COLUMNS} FROM accounts WHERE id = $1", account_id)
+
+
+async def account_state(conn: Conn, account_id: uuid.UUID) -> AccountState | None:
+    row = await conn.fetchrow(
+        "SELECT currency, balance_minor FROM accounts WHERE id = $1", account_id
+    )
+    return None if row is None else AccountState(row["currency"], row["balance_minor"])
+
+
+async def charge(conn: Conn, gid: str, branch: str, charge: Charge) -> int | None:
+    """Debit and record; the balance afterwards, or None when the debit's condition failed."""
+    balance: int | None = await conn.fetchval(
+        _CHARGE,
+        charge.account_id,
+        charge.amount_minor,
+        charge.currency,
+        gid,
+        branch,
+        charge.order_id,
+    )
+    return balance
+
+
+async def refund(conn: Conn, gid: str, branch: str) -> int | None:
+    """Credit back what the branch charged; the amount, or None if it charged nothing."""
+    amount: int | None = await conn.fetchval(_REFUND, gid, branch)
+    return amount
