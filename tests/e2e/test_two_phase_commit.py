@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -166,7 +167,10 @@ async def _crash_and_recover(stack: Stack, failpoint: str, victim: str) -> order
     proc.kill()
     proc.env = {**proc.env, "DTX_FAILPOINTS": f"{failpoint}=kill"}
     proc.start()
-    with pytest.raises(grpc.aio.AioRpcError):
+    # Orders answers PENDING when the coordinator vanishes mid-call (its
+    # reconciler settles the order later), FAILED when the coordinator saw a
+    # participant die; what counts is the state after recovery.
+    with contextlib.suppress(grpc.aio.AioRpcError):
         await stack.place(account, {"WIDGET": 2}, key="crash", timeout=15)
     assert proc.process is not None
     assert proc.process.wait(10) == -9, "the failpoint should have SIGKILLed the process"
