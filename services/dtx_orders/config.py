@@ -44,6 +44,7 @@ class OrdersSettings(ParticipantSettings):
     order_reconcile_after_seconds: float = Field(default=30.0, gt=0, le=86_400)
     order_reconcile_interval_seconds: float = Field(default=5.0, gt=0, le=3600)
     order_reconcile_batch: int = Field(default=100, ge=1, le=10_000)
+    allow_uncoordinated: bool = False
 
     @property
     def transaction_call_seconds(self) -> float:

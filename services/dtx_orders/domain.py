@@ -77,11 +77,14 @@ class Protocol(enum.StrEnum):
 
     TWO_PHASE_COMMIT = "2pc"
     SAGA = "saga"
+    # The benchmark's baseline: the same writes, uncoordinated and not atomic.
+    UNCOORDINATED = "direct"
 
 
 PROTOCOL_TO_PROTO: Mapping[Protocol, common_pb2.Protocol.ValueType] = {
     Protocol.TWO_PHASE_COMMIT: common_pb2.PROTOCOL_TWO_PHASE_COMMIT,
     Protocol.SAGA: common_pb2.PROTOCOL_SAGA,
+    Protocol.UNCOORDINATED: common_pb2.PROTOCOL_UNCOORDINATED,
 }
 
 
@@ -91,6 +94,8 @@ def protocol_from_proto(value: int) -> Protocol:
         return Protocol.TWO_PHASE_COMMIT
     if value == common_pb2.PROTOCOL_SAGA:
         return Protocol.SAGA
+    if value == common_pb2.PROTOCOL_UNCOORDINATED:
+        return Protocol.UNCOORDINATED
     raise InvalidArgument(f"protocol: unknown protocol {value}")
 
 
@@ -368,6 +373,11 @@ def _stock_branch(order: NewOrder) -> transactions_pb2.Branch:
 def two_phase_branches(order: NewOrder) -> list[transactions_pb2.Branch]:
     """The order's own confirmation, the charge and the reservation, prepared together."""
     return [_order_branch(order), _payment_branch(order), _stock_branch(order)]
+
+
+def uncoordinated_branches(order: NewOrder) -> list[transactions_pb2.Branch]:
+    """The charge and the reservation the baseline makes by direct calls."""
+    return [_payment_branch(order), _stock_branch(order)]
 
 
 def saga_steps(order: NewOrder) -> list[transactions_pb2.Branch]:

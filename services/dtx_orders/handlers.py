@@ -27,6 +27,8 @@ from dtx.v1 import (
     inventory_pb2_grpc,
     orders_pb2,
     orders_pb2_grpc,
+    participant_pb2,
+    participant_pb2_grpc,
     payments_pb2,
     payments_pb2_grpc,
     saga_pb2,
@@ -37,6 +39,7 @@ from dtx_orders.domain import NewOrder, OrderRequest, Protocol, Settlement, Stat
 from dtx_orders.metrics import ORDER_SECONDS, ORDERS
 from dtx_runtime.errors import (
     AlreadyExists,
+    FailedPrecondition,
     InvalidArgument,
     NotFound,
     ServiceError,
@@ -68,6 +71,7 @@ class Remotes:
     inventory: inventory_pb2_grpc.InventoryAsyncStub
     coordinator: coordinator_pb2_grpc.CoordinatorAsyncStub
     saga: saga_pb2_grpc.SagaOrchestratorAsyncStub
+    participants: dict[str, participant_pb2_grpc.ParticipantAsyncStub]
 
 
 def to_proto(row: asyncpg.Record) -> orders_pb2.Order:
@@ -113,12 +117,14 @@ class OrdersServicer(orders_pb2_grpc.OrdersServicer):
         transaction_timeout_ms: int,
         transaction_call_s: float,
         lookup_timeout_s: float,
+        allow_uncoordinated: bool = False,
     ) -> None:
         self._pool = pool
         self._remotes = remotes
         self._transaction_timeout_ms = transaction_timeout_ms
         self._transaction_call_s = transaction_call_s
         self._lookup_timeout_s = lookup_timeout_s
+        self._allow_uncoordinated = allow_uncoordinated
 
     # -- API ---------------------------------------------------------------
 
@@ -128,6 +134,11 @@ class OrdersServicer(orders_pb2_grpc.OrdersServicer):
     ) -> orders_pb2.Order:
         start = time.perf_counter()
         order_request = domain.validate_place_order(request)
+        if order_request.protocol is Protocol.UNCOORDINATED and not self._allow_uncoordinated:
+            raise FailedPrecondition(
+                "protocol: uncoordinated orders are only for the benchmark's baseline;"
+                " this service runs without DTX_ALLOW_UNCOORDINATED=true"
+            )
         key = order_request.idempotency_key
         if key is not None:
             async with self._pool.acquire() as conn:
@@ -213,6 +224,8 @@ class OrdersServicer(orders_pb2_grpc.OrdersServicer):
         """Run the order's global transaction and return the order as it then stands."""
         if order.protocol is Protocol.TWO_PHASE_COMMIT:
             settlement = await self._run_two_phase(order)
+        elif order.protocol is Protocol.UNCOORDINATED:
+            settlement = await self._run_uncoordinated(order)
         else:
             settlement = await self._run_saga(order)
         if settlement is None:
@@ -242,6 +255,32 @@ class OrdersServicer(orders_pb2_grpc.OrdersServicer):
             )
             return None
         return domain.settle_two_phase(reply.transaction)
+
+    async def _run_uncoordinated(self, order: NewOrder) -> Settlement:
+        """The baseline: charge and reserve by direct calls, at once, with no coordination.
+
+        Not atomic: a refusal of one leaves the other's effect in place. It
+        exists only so that the benchmark measures what coordination costs.
+        """
+        calls = [
+            self._remotes.participants[b.participant].Execute(
+                participant_pb2.ExecuteRequest(
+                    gid=order.gid, branch=b.branch, operation=b.operation
+                ),
+                timeout=self._transaction_call_s,
+            )
+            for b in domain.uncoordinated_branches(order)
+        ]
+        replies = await asyncio.gather(*calls)
+        refusals = [r.reason for r in replies if not r.succeeded]
+        if refusals:
+            return Settlement(Status.REJECTED, "; ".join(refusals))
+        async with self._pool.acquire() as conn:
+            await conn.execute(
+                "UPDATE orders SET status = 'CONFIRMED', updated_at = now() WHERE id = $1",
+                order.id,
+            )
+        return Settlement(Status.CONFIRMED)
 
     async def _run_saga(self, order: NewOrder) -> Settlement | None:
         request = saga_pb2.RunSagaRequest(

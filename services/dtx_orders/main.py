@@ -8,6 +8,7 @@ from dtx.v1 import (
     coordinator_pb2_grpc,
     inventory_pb2_grpc,
     orders_pb2_grpc,
+    participant_pb2_grpc,
     payments_pb2_grpc,
     saga_pb2_grpc,
 )
@@ -33,6 +34,14 @@ async def setup(ctx: ServiceContext[OrdersSettings]) -> None:
             channels.get(settings.coordinator_endpoint)
         ),
         saga=saga_pb2_grpc.SagaOrchestratorStub(channels.get(settings.saga_endpoint)),
+        participants={
+            "payments": participant_pb2_grpc.ParticipantStub(
+                channels.get(settings.payments_endpoint)
+            ),
+            "inventory": participant_pb2_grpc.ParticipantStub(
+                channels.get(settings.inventory_endpoint)
+            ),
+        },
     )
     orders_pb2_grpc.add_OrdersServicer_to_server(
         OrdersServicer(
@@ -41,6 +50,7 @@ async def setup(ctx: ServiceContext[OrdersSettings]) -> None:
             transaction_timeout_ms=settings.transaction_timeout_ms,
             transaction_call_s=settings.transaction_call_seconds,
             lookup_timeout_s=settings.lookup_timeout_seconds,
+            allow_uncoordinated=settings.allow_uncoordinated,
         ),
         ctx.server,
     )
