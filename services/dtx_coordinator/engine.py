@@ -23,7 +23,6 @@ from typing import TypeVar
 import grpc
 
 from dtx.v1 import participant_pb2, participant_pb2_grpc, transactions_pb2
-from dtx_coordinator import metrics
 from dtx_coordinator.domain import (
     BranchRecord,
     BranchState,
@@ -37,8 +36,11 @@ from dtx_coordinator.domain import (
     settled_state,
     validate_request,
 )
-from dtx_coordinator.storage import Attempt, TransactionLog
+from dtx_coordinator.storage import TransactionLog
 from dtx_runtime.channels import Channels
+from dtx_runtime.coordination import metrics
+from dtx_runtime.coordination.calls import REFUSALS, TRANSIENT, DeadlinePassed, call_with_retries
+from dtx_runtime.coordination.records import Attempt
 from dtx_runtime.errors import InvalidArgument, ResourceExhausted, Unavailable
 from dtx_runtime.failpoints import failpoint
 from dtx_runtime.policy import PolicyHolder, TransactionPolicy
@@ -47,14 +49,6 @@ log = logging.getLogger(__name__)
 
 PROTOCOL = "2pc"
 T = TypeVar("T")
-
-RETRYABLE = {
-    grpc.StatusCode.UNAVAILABLE,
-    grpc.StatusCode.RESOURCE_EXHAUSTED,
-    grpc.StatusCode.ABORTED,
-}
-# A participant that answers one of these will answer it again: no retry.
-REFUSALS = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION}
 
 
 class ParkNow(Exception):
@@ -121,6 +115,8 @@ class Engine:
         records = [
             BranchRecord(b.branch, b.participant, b.operation.SerializeToString()) for b in branches
         ]
+        if gid in self.local:
+            return await self._await_existing(gid, timeout_ms)
         self.local.add(gid)
         metrics.IN_FLIGHT.labels(PROTOCOL).inc()
         started = time.perf_counter()
@@ -179,7 +175,7 @@ class Engine:
                 branch.state = BranchState.FAILED
                 branch.reason = f"prepare failed: {exc.code().name} {exc.details() or ''}".strip()
             return
-        except (Unavailable, TimeoutError) as exc:
+        except (Unavailable, DeadlinePassed) as exc:
             branch.state, branch.reason = BranchState.FAILED, f"prepare failed: {exc}"
             return
         if reply.vote == participant_pb2.VOTE_COMMIT:
@@ -269,7 +265,7 @@ class Engine:
             if exc.code() in REFUSALS:
                 raise ParkNow(branch.reason) from None
             return
-        except (Unavailable, TimeoutError) as exc:
+        except (Unavailable, DeadlinePassed) as exc:
             branch.reason = f"{action} failed: {exc}"
             return
         branch.state, branch.reason = settled_state(decision), ""
@@ -283,36 +279,26 @@ class Engine:
         policy: TransactionPolicy,
         call: Callable[[float], Awaitable[T]],
     ) -> T:
-        """One participant call, retried on transient errors within ``budget_s``."""
-        deadline = time.monotonic() + budget_s
-        attempt = 0
-        while True:
-            attempt += 1
-            remaining = deadline - time.monotonic()
-            try:
-                return await call(max(remaining, 0.001))
-            except grpc.aio.AioRpcError as exc:
-                await self.log.record_attempts(
-                    [
-                        Attempt(
-                            gid,
-                            branch.branch,
-                            action,
-                            attempt,
-                            "error",
-                            f"{exc.code().name}: {exc.details() or ''}",
-                        )
-                    ]
-                )
-                delay = policy.retries.backoff_ms(attempt) / 1000
-                if (
-                    exc.code() not in RETRYABLE
-                    or attempt >= policy.retries.max_attempts
-                    or time.monotonic() + delay >= deadline
-                ):
-                    raise
-                metrics.RETRIES.labels(PROTOCOL, action).inc()
-                await asyncio.sleep(delay)
+        """One participant call; transient errors retried with backoff inside one budget.
+
+        DEADLINE_EXCEEDED is not retried: the budget is spent.
+        """
+
+        async def record(attempt: int, exc: grpc.aio.AioRpcError) -> None:
+            detail = f"{exc.code().name}: {exc.details() or ''}"
+            await self.log.record_attempts(
+                [Attempt(gid, branch.branch, action, attempt, "error", detail)]
+            )
+
+        return await call_with_retries(
+            call,
+            retries=policy.retries,
+            timeout_s=budget_s,
+            deadline=time.monotonic() + budget_s,
+            retryable=TRANSIENT,
+            on_error=record,
+            on_retry=metrics.RETRIES.labels(PROTOCOL, action).inc,
+        )
 
     # -- recovery -----------------------------------------------------------
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import grpc
@@ -18,7 +19,7 @@ from dtx_coordinator.domain import (
     outcome_of,
 )
 from dtx_coordinator.engine import Engine
-from dtx_coordinator.storage import Attempt
+from dtx_runtime.coordination.records import Attempt, check_actor
 from dtx_runtime.errors import FailedPrecondition, InvalidArgument, NotFound
 from dtx_runtime.identifiers import check_gid
 from dtx_runtime.rpc import rpc
@@ -80,7 +81,12 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
     ) -> coordinator_pb2.RunTransactionResponse:
         if request.timeout_ms < 0:
             raise InvalidArgument("timeout_ms: must not be negative")
-        txn = await self._engine.run(request.gid, request.branches, request.timeout_ms)
+        # Shielded: a caller that gives up must not stop a transaction halfway;
+        # it finishes here rather than waiting for recovery.
+        run = asyncio.ensure_future(
+            self._engine.run(request.gid, request.branches, request.timeout_ms)
+        )
+        txn = await asyncio.shield(run)
         return coordinator_pb2.RunTransactionResponse(transaction=to_proto(txn))
 
     @rpc
@@ -123,7 +129,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         self, request: transactions_pb2.InterveneRequest, context: Context
     ) -> transactions_pb2.Transaction:
         txn = await self._get(request.gid)
-        _check_actor(request)
+        check_actor(request)
         if txn.state is not State.NEEDS_INTERVENTION:
             raise FailedPrecondition(
                 f"transaction {txn.gid} is {txn.state.value};"
@@ -145,7 +151,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         self, request: transactions_pb2.InterveneRequest, context: Context
     ) -> transactions_pb2.Transaction:
         txn = await self._get(request.gid)
-        _check_actor(request)
+        check_actor(request)
         if txn.decision is Decision.COMMIT:
             raise FailedPrecondition(
                 f"transaction {txn.gid} has a logged commit decision and cannot be aborted;"
@@ -168,10 +174,3 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         if txn is None:
             raise NotFound(f"gid {gid}: no such transaction")
         return txn
-
-
-def _check_actor(request: transactions_pb2.InterveneRequest) -> None:
-    if not request.actor.strip():
-        raise InvalidArgument("actor: who intervenes must be named (it goes to the audit log)")
-    if not request.reason.strip():
-        raise InvalidArgument("reason: an intervention needs a reason (it goes to the audit log)")

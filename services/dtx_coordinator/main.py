@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import uuid
 from pathlib import Path
 
 import asyncpg
@@ -14,6 +13,7 @@ from dtx_coordinator.handlers import CoordinatorServicer
 from dtx_coordinator.recovery import run_recovery
 from dtx_coordinator.storage import TransactionLog
 from dtx_runtime import ServiceContext, ServiceDefinition
+from dtx_runtime.coordination.records import lease_owner
 from dtx_runtime.policy import PolicyHolder
 
 
@@ -32,13 +32,12 @@ async def setup(ctx: ServiceContext[CoordinatorSettings]) -> None:
     def endpoint(name: str) -> str | None:
         return policy.current.endpoint_of(name) or settings.participants.get(name)
 
-    # The incarnation suffix tells a restarted replica its predecessor's leases apart.
-    replica_prefix = f"{settings.replica_id}/"
+    replica_prefix, owner = lease_owner(settings.replica_id)
     engine = Engine(
         TransactionLog(ctx.db, lazy),
         policy,
         endpoint,
-        owner=f"{replica_prefix}{uuid.uuid4().hex[:8]}",
+        owner=owner,
     )
     coordinator_pb2_grpc.add_CoordinatorServicer_to_server(CoordinatorServicer(engine), ctx.server)
     ctx.side_port.add_json_route("/status", lambda: _status(policy))

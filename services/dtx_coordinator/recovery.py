@@ -13,8 +13,8 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from dtx_coordinator import metrics
 from dtx_coordinator.engine import PROTOCOL, Engine
+from dtx_runtime.coordination import metrics
 
 log = logging.getLogger(__name__)
 

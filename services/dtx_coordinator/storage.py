@@ -14,27 +14,16 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
 
 import asyncpg
 
 from dtx_coordinator.domain import BranchRecord, Decision, GlobalTransaction, State
+from dtx_runtime.coordination.records import Attempt
 
 _COLUMNS = (
     "gid, state, decision, reason, branches, attempts, deadline, lease_owner,"
     " created_at, updated_at, decided_at, finished_at"
 )
-
-
-@dataclass(frozen=True)
-class Attempt:
-    gid: str
-    branch: str
-    action: str
-    attempt: int
-    result: str
-    detail: str
-    at: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -133,7 +122,8 @@ class TransactionLog:
     async def finish(self, gid: str, state: State, branches: Sequence[BranchRecord]) -> None:
         await self.lazy.execute(
             "UPDATE global_transactions SET state = $2, branches = $3::jsonb, updated_at = now(),"
-            " finished_at = now(), lease_owner = NULL, lease_expires = NULL WHERE gid = $1",
+            " finished_at = now(), lease_owner = NULL, lease_expires = NULL"
+            " WHERE gid = $1 AND state IN ('COMMITTING', 'ABORTING')",
             gid,
             state.value,
             _encode(branches),
@@ -148,13 +138,18 @@ class TransactionLog:
         delay_ms: int,
         park_reason: str | None,
     ) -> None:
-        """After a round with unsettled branches: retry later, or park for a person."""
+        """After a round with unsettled branches: retry later, or park for a person.
+
+        Like :meth:`finish`, only for a transaction still being driven: a
+        replica that raced another to the same phase two cannot undo its end.
+        """
         await self.lazy.execute(
             "UPDATE global_transactions SET branches = $2::jsonb, attempts = $3,"
             " next_attempt_at = now() + make_interval(secs => $4::float8 / 1000),"
             " state = CASE WHEN $5::text IS NULL THEN state ELSE 'NEEDS_INTERVENTION' END,"
             " reason = COALESCE($5::text, reason), updated_at = now(),"
-            " lease_owner = NULL, lease_expires = NULL WHERE gid = $1",
+            " lease_owner = NULL, lease_expires = NULL"
+            " WHERE gid = $1 AND state IN ('COMMITTING', 'ABORTING')",
             gid,
             _encode(branches),
             attempts,

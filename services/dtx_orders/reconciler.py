@@ -9,7 +9,8 @@ unreachable, timed out, or the orders service stopped mid-call. After
   → ``GetTransaction`` for the reason → REJECTED when a branch said no, else
   FAILED. COMMITTED or PENDING → nothing: phase two or the participant's
   reaper confirms the order through its own branch.
-* saga: ``GetSaga(gid)``. COMPENSATED → CANCELLED; anything else waits.
+* saga: ``GetSaga(gid)``. COMPENSATED → CANCELLED; anything else waits. An unknown
+  saga is aborted (``AbortSaga`` records a tombstone), so its order is CANCELLED.
 
 Orders are read in pages after a cursor, so a pass reaches every old
 PENDING order even when the oldest ones stay undecided. Every call has a
@@ -93,11 +94,19 @@ class RemoteLookup:
                 transactions_pb2.GetTransactionRequest(gid=gid), timeout=self._timeout_s
             )
         except grpc.aio.AioRpcError as exc:
-            if exc.code() == grpc.StatusCode.NOT_FOUND:
-                # Counted in dtx_orders_reconcile_waiting; logged at debug: this repeats each pass.
-                log.debug("saga %s is unknown to the orchestrator; its order stays PENDING", gid)
-                return None
-            raise
+            if exc.code() != grpc.StatusCode.NOT_FOUND:
+                raise
+            # The saga never reached the orchestrator (orders died before, or the
+            # call was lost). AbortSaga of an unknown gid records a compensated
+            # tombstone, so a late RunSaga of it can no longer run anything.
+            saga = await self._saga.AbortSaga(
+                transactions_pb2.InterveneRequest(
+                    gid=gid,
+                    actor="orders-reconciler",
+                    reason="the order's saga was unknown to the orchestrator",
+                ),
+                timeout=self._timeout_s,
+            )
         settlement = domain.settle_saga(saga)
         if settlement is None or settlement.status is not Status.CANCELLED:
             return None  # a completed saga's confirm step already confirmed the order

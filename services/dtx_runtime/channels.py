@@ -16,6 +16,10 @@ _OPTIONS = [
     ("grpc.keepalive_timeout_ms", 10_000),
     ("grpc.http2.max_pings_without_data", 0),
     ("grpc.enable_retries", 0),  # dtx retries on purpose, with its own bounds
+    # gRPC's default reconnect backoff grows to 120 s: a participant that
+    # restarted would be failed fast for minutes, eating every bounded retry.
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1_000),
 ]
 
 

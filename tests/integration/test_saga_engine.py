@@ -117,8 +117,8 @@ class Rig:
         self.channels.append(channel)
         return channel
 
-    def saga(self) -> saga_pb2_grpc.SagaOrchestratorAsyncStub:
-        return saga_pb2_grpc.SagaOrchestratorStub(self.channel("saga"))
+    def saga(self, key: str = "saga") -> saga_pb2_grpc.SagaOrchestratorAsyncStub:
+        return saga_pb2_grpc.SagaOrchestratorStub(self.channel(key))
 
     async def close_channels(self) -> None:
         for channel in self.channels:
@@ -154,11 +154,11 @@ class Rig:
         )
         return [(r["branch"], r["kind"], r["amount_minor"]) for r in rows]
 
-    async def get(self, gid: str) -> transactions_pb2.Transaction:
-        return await self.saga().GetSaga(T.GetTransactionRequest(gid=gid), timeout=10)
+    async def get(self, gid: str, key: str = "saga") -> transactions_pb2.Transaction:
+        return await self.saga(key).GetSaga(T.GetTransactionRequest(gid=gid), timeout=10)
 
     async def wait_for(
-        self, gid: str, states: set[int], *, timeout: float = 40
+        self, gid: str, states: set[int], *, timeout: float = 40, key: str = "saga"
     ) -> transactions_pb2.Transaction:
         """Poll GetSaga until the saga is in one of ``states``."""
         loop = asyncio.get_running_loop()
@@ -166,7 +166,7 @@ class Rig:
         last: transactions_pb2.Transaction | None = None
         while loop.time() < deadline:
             with contextlib.suppress(grpc.aio.AioRpcError):
-                last = await self.get(gid)
+                last = await self.get(gid, key)
                 if last.state in states:
                     return last
             await asyncio.sleep(0.1)
@@ -396,6 +396,50 @@ async def test_orchestrator_killed_during_a_slow_step_resumes_and_completes(rig:
     assert await rig.ledger("bank", "crash-1") == [("pay-b", "charge", -200)]
 
 
+async def test_another_replica_takes_over_when_the_lease_runs_out(rig: Rig) -> None:
+    second = ServiceProcess(
+        "saga", {**rig.procs["saga"].env, "DTX_REPLICA_ID": "saga-1"}, rig.run_dir / "saga-1"
+    )
+    rig.procs["saga-1"] = second
+    second.start()
+    a = await rig.account("payments", 1_000)
+    b = await rig.account("bank", 1_000)
+    steps = [charge("pay-a", "payments", a, 300), charge("pay-b", "bank", b, 200)]
+    async with row_locked(rig, "bank", b):
+        running = asyncio.create_task(run(rig, "replica-1", steps))
+        await rig.wait_log("SELECT 1 FROM sagas WHERE steps->0->>'state' = 'done'")
+        rig.procs["saga"].kill()  # for good: only the other replica is left
+        with pytest.raises(grpc.aio.AioRpcError):
+            await running
+    [row] = await rig.fetch("saga", "SELECT lease_owner FROM sagas")
+    assert row["lease_owner"].startswith("saga-0/")
+    saga = await rig.wait_for(
+        "replica-1", {T.TRANSACTION_STATE_COMPLETED}, timeout=60, key="saga-1"
+    )
+    assert steps_of(saga) == {"pay-a": "done", "pay-b": "done"}
+    assert (await rig.balance("payments", a), await rig.balance("bank", b)) == (700, 800)
+    assert "recovered 1 sagas" in second.log_path.read_text()
+
+
+async def test_orchestrator_stopped_gracefully_hands_its_saga_back(rig: Rig) -> None:
+    a = await rig.account("payments", 1_000)
+    b = await rig.account("bank", 1_000)
+    steps = [charge("pay-a", "payments", a, 300), charge("pay-b", "bank", b, 200)]
+    orchestrator = rig.procs["saga"]
+    async with row_locked(rig, "bank", b):
+        running = asyncio.create_task(run(rig, "stop-1", steps))
+        await rig.wait_log("SELECT 1 FROM sagas WHERE steps->0->>'state' = 'done'")
+        assert orchestrator.terminate() == 0  # SIGTERM: drain, stop driving, release leases
+        with pytest.raises(grpc.aio.AioRpcError):
+            await running
+        [row] = await rig.fetch("saga", "SELECT state, lease_owner FROM sagas")
+        assert (row["state"], row["lease_owner"]) == ("RUNNING", None)
+    orchestrator.start()
+    saga = await rig.wait_for("stop-1", {T.TRANSACTION_STATE_COMPLETED})
+    assert steps_of(saga) == {"pay-a": "done", "pay-b": "done"}
+    assert (await rig.balance("payments", a), await rig.balance("bank", b)) == (700, 800)
+
+
 async def test_orchestrator_killed_past_the_deadline_compensates_on_restart(rig: Rig) -> None:
     a = await rig.account("payments", 1_000)
     b = await rig.account("bank", 1_000)
@@ -460,11 +504,17 @@ async def _rig_with_bank_down(
     run_dir: Path, new_database: Callable[[str], str], extra: dict[str, Any]
 ) -> tuple[Rig, str, str]:
     """Everything up, an account in each participant; then the bank goes down."""
-    rig = Rig(run_dir, new_database, merged(BASE_POLICY, extra)).build().start()
-    a = await rig.account("payments", 1_000)
-    b = await rig.account("bank", 1_000)
-    await rig.close_channels()
-    rig.procs["bank"].terminate()
+    rig = Rig(run_dir, new_database, merged(BASE_POLICY, extra)).build()
+    try:
+        rig.start()
+        a = await rig.account("payments", 1_000)
+        b = await rig.account("bank", 1_000)
+        await rig.close_channels()
+        rig.procs["bank"].terminate()
+    except BaseException:
+        await rig.close_channels()
+        rig.stop()
+        raise
     return rig, a, b
 
 

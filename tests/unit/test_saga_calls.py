@@ -7,8 +7,8 @@ import time
 import grpc
 import pytest
 
+from dtx_runtime.coordination.calls import RETRYABLE, DeadlinePassed, call_with_retries
 from dtx_runtime.policy import Retries, TransactionPolicy
-from dtx_saga.calls import RETRYABLE, DeadlinePassed, call_with_retries
 from dtx_saga.engine import Engine
 
 pytestmark = pytest.mark.unit

@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from dtx.v1 import common_pb2, participant_pb2, transactions_pb2
-from dtx_coordinator.storage import Attempt
+from dtx_runtime.coordination.records import Attempt
 from dtx_runtime.errors import FailedPrecondition, InvalidArgument
 from dtx_runtime.identifiers import InvalidIdentifier
 from dtx_runtime.policy import OnExhausted

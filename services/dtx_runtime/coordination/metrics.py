@@ -1,4 +1,4 @@
-"""The coordinator's Prometheus metrics (names shared with the saga orchestrator by label)."""
+"""Transaction metrics of both drivers, told apart by the ``protocol`` label (2pc, saga)."""
 
 from prometheus_client import Counter, Gauge, Histogram
 

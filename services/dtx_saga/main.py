@@ -1,0 +1,75 @@
+"""Wiring of the saga orchestrator: ``dtx serve saga`` runs :data:`SERVICE`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import asyncpg
+
+from dtx.v1 import saga_pb2_grpc
+from dtx_runtime import ServiceContext, ServiceDefinition
+from dtx_runtime.coordination.records import lease_owner
+from dtx_runtime.policy import PolicyHolder
+from dtx_saga.config import SagaSettings
+from dtx_saga.engine import Engine
+from dtx_saga.handlers import SagaOrchestratorServicer
+from dtx_saga.recovery import run_recovery
+from dtx_saga.storage import SagaLog
+
+
+async def setup(ctx: ServiceContext[SagaSettings]) -> None:
+    settings = ctx.settings
+    assert settings.database_url is not None
+    lazy = await asyncpg.create_pool(
+        settings.database_url,
+        min_size=1,
+        max_size=settings.lazy_pool_max,
+        server_settings={"synchronous_commit": "off"},
+    )
+    assert lazy is not None
+    policy = PolicyHolder(settings.policy_file)
+
+    def endpoint(name: str) -> str | None:
+        return policy.current.endpoint_of(name) or settings.participants.get(name)
+
+    def known() -> set[str]:
+        return {p.name for p in policy.current.participants} | set(settings.participants)
+
+    replica_prefix, owner = lease_owner(settings.replica_id)
+    engine = Engine(
+        SagaLog(ctx.db, lazy),
+        policy,
+        endpoint,
+        known,
+        owner=owner,
+    )
+    saga_pb2_grpc.add_SagaOrchestratorServicer_to_server(
+        SagaOrchestratorServicer(engine), ctx.server
+    )
+    ctx.side_port.add_json_route("/status", lambda: _status(policy, engine))
+    ctx.run_in_background("recovery", lambda: run_recovery(engine, replica_prefix=replica_prefix))
+    ctx.run_in_background("policy-watch", policy.watch)
+
+    async def close() -> None:
+        await engine.close()
+        await lazy.close()
+
+    ctx.on_shutdown(close)
+
+
+async def _status(policy: PolicyHolder, engine: Engine) -> dict[str, object]:
+    return {
+        "policyHash": policy.hash,
+        "owner": engine.owner,
+        "inFlight": len(engine.local),
+        "participants": engine.participants(),
+    }
+
+
+SERVICE = ServiceDefinition(
+    name="saga",
+    settings_type=SagaSettings,
+    setup=setup,
+    grpc_services=["dtx.v1.SagaOrchestrator"],
+    migrations={"saga": Path(__file__).parent / "migrations"},
+)
