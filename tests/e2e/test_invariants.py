@@ -1,4 +1,4 @@
-"""Jepsen-style: concurrent orders while processes are SIGKILLed at random; nothing is lost or made up.
+"""Jepsen-style: concurrent 2PC and saga orders while processes are SIGKILLed; nothing is lost or made up.
 
 A nemesis kills a random service (coordinator, participants, orders) every
 few seconds and restarts it; clients keep placing orders and tolerate the
@@ -41,6 +41,7 @@ async def stack(run_dir: Path, new_database: Callable[[str], str]) -> AsyncItera
         Stack(
             run_dir,
             new_database,
+            with_saga=True,
             policy={"recovery": {"intervalMs": 300}, "timeouts": {"transactionMs": 4000}},
         )
         .build()
@@ -104,7 +105,9 @@ async def test_money_and_stock_are_conserved_while_processes_die(stack: Stack) -
                 await stack.place(
                     rng.choice(accounts),
                     {s: rng.randint(1, 3) for s in skus},
-                    protocol=common_pb2.PROTOCOL_TWO_PHASE_COMMIT,
+                    protocol=rng.choice(
+                        (common_pb2.PROTOCOL_TWO_PHASE_COMMIT, common_pb2.PROTOCOL_SAGA)
+                    ),
                     key=f"w{worker}-{placed}",
                     timeout=10,
                 )
@@ -117,7 +120,7 @@ async def test_money_and_stock_are_conserved_while_processes_die(stack: Stack) -
 
     async def nemesis() -> None:
         # Every service dies twice, in a random order.
-        victims = rng.sample(["coordinator", "payments", "inventory", "orders"], 4) * 2
+        victims = rng.sample(["coordinator", "saga", "payments", "inventory", "orders"], 5) * 2
         for victim in victims:
             await asyncio.sleep(rng.uniform(1.5, 3.0))
             kills.append(victim)
@@ -128,7 +131,7 @@ async def test_money_and_stock_are_conserved_while_processes_die(stack: Stack) -
         stop.set()
 
     await asyncio.gather(nemesis(), *(client(i) for i in range(4)))
-    assert len(kills) == 8
+    assert len(kills) == 10
 
     async def settled() -> bool:
         pending = await stack.fetch(
@@ -145,5 +148,11 @@ async def test_money_and_stock_are_conserved_while_processes_die(stack: Stack) -
         "SELECT gid, reason FROM global_transactions WHERE state <> 'COMMITTED' AND state <> 'ABORTED'",
     )
     assert parked == [], f"transactions not finished: {parked}"
+    unfinished = await stack.fetch(
+        "saga", "SELECT gid, state, reason FROM sagas WHERE state NOT IN ('COMPLETED', 'COMPENSATED')"
+    )
+    assert unfinished == [], f"sagas not finished: {unfinished}"
+    protocols = await stack.fetch("orders", "SELECT protocol, count(*) AS n FROM orders GROUP BY 1")
+    assert {r["protocol"] for r in protocols} == {"2pc", "saga"}
     print(f"orders {dict(statuses)}, client errors {client_errors}, kills {kills}")
     assert statuses["CONFIRMED"] > 0
