@@ -13,9 +13,10 @@ Where things are: ``handlers.py`` (gRPC), ``engine.py`` (the protocol, and
 when a saga turns back or is parked), ``recovery.py`` (leases and the
 recovery loop), ``domain.py`` (pure rules: which steps to compensate, step
 states), ``storage.py`` (the log's SQL and which writes are durable),
-``calls.py`` (bounded retries of one call), ``metrics.py``, ``migrations/``.
+``metrics.py``, ``migrations/``.
 
-Shared with the coordinator rather than copied: its settings (subclassed), its
-metric families (``protocol="saga"``), its transient/refusal status codes, its
-``Attempt`` record and its audit-field check.
+Shared with the coordinator through ``dtx_runtime.coordination`` rather than
+copied: bounded participant calls, the transaction metric families
+(``protocol="saga"``), the ``Attempt`` record, the audit-field check and lease
+owners; the settings are the coordinator's, subclassed.
 """
