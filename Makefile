@@ -1,7 +1,8 @@
 # dtx — one entry point for people and CI. Every target installs what it needs.
 #
 #   make test   lint, types and every test (unit, integration, e2e) on real servers
-#   make run    (comes with the gateway) the whole system, locally
+#   make run    the whole system, locally: infrastructure, every service, the demo,
+#               then the gateway keeps serving on http://127.0.0.1:8080 (Ctrl-C stops all)
 #
 # Caches live outside the repository: uv's in ~/.cache/uv, Kafka's jars and the
 # Kubernetes binaries in ~/.cache/dtx, Go's in its defaults.
@@ -12,7 +13,13 @@ export UV_LINK_MODE := copy
 UV ?= $(shell command -v uv 2>/dev/null || echo $(HOME)/.local/bin/uv)
 PY := .venv/bin/python
 
-.PHONY: install test lint typecheck unit integration e2e protos infra-up infra-down clean
+run: install
+	.venv/bin/dtx up --demo
+
+bench: install
+	.venv/bin/dtx bench
+
+.PHONY: run bench install test lint typecheck unit integration e2e protos infra-up infra-down clean
 
 install: .venv/.synced
 

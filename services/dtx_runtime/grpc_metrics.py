@@ -30,7 +30,15 @@ def _split(full_method: str) -> tuple[str, str]:
 
 
 class MetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
-    """Counts and times unary-unary calls; other kinds pass through untouched."""
+    """Counts and times unary-unary calls; other kinds pass through untouched.
+
+    The wrapped handler is built once per method and reused: the servicer's
+    handlers are fixed at registration, and building one per call is waste on
+    the hot path.
+    """
+
+    def __init__(self) -> None:
+        self._wrapped: dict[str, tuple[object, grpc.RpcMethodHandler[Any, Any]]] = {}
 
     async def intercept_service(
         self,
@@ -42,6 +50,9 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         handler = await continuation(handler_call_details)
         if handler is None or handler.unary_unary is None:
             return handler
+        cached = self._wrapped.get(handler_call_details.method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
         service, method = _split(handler_call_details.method)
         inner = handler.unary_unary
 
@@ -62,8 +73,10 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                 HANDLED.labels(service, method, code).inc()
                 DURATION.labels(service, method).observe(time.perf_counter() - start)
 
-        return grpc.unary_unary_rpc_method_handler(
+        wrapped = grpc.unary_unary_rpc_method_handler(
             observed,
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
         )
+        self._wrapped[handler_call_details.method] = (handler, wrapped)
+        return wrapped
