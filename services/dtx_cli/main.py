@@ -1,38 +1,29 @@
-"""``dtx``: run a service, the local infrastructure, and (later) the whole system.
+"""``dtx``: run a service, the local infrastructure, or the whole system; place orders, measure.
 
 Each sub-command lives with what it drives; this module only assembles them.
 """
 
 from __future__ import annotations
 
-import importlib
 import sys
 
 import typer
 
+from dtx_cli.serve import SERVICES
+from dtx_cli.txn import txn_app
 from dtx_infra.cli import infra_app
-from dtx_runtime import ServiceDefinition, run_service
-
-SERVICES = ("payments", "inventory", "orders", "coordinator", "saga", "notifications", "gateway")
 
 DEFAULT_PATHS = ["local", "direct", "2pc", "saga"]
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 
 
-def load_service(name: str) -> ServiceDefinition:  # type: ignore[type-arg]
-    """The ``SERVICE`` definition of ``dtx_<name>.main``."""
-    if name not in SERVICES:
-        raise typer.BadParameter(f"unknown service {name!r}; choose one of {', '.join(SERVICES)}")
-    module = importlib.import_module(f"dtx_{name}.main")
-    definition: ServiceDefinition = module.SERVICE  # type: ignore[type-arg]
-    return definition
-
-
 @app.command()
 def serve(service: str = typer.Argument(..., help=f"one of: {', '.join(SERVICES)}")) -> None:
     """Run one service in the foreground until SIGTERM or Ctrl-C."""
-    sys.exit(run_service(load_service(service)))
+    from dtx_cli.serve import main
+
+    sys.exit(main([service]))
 
 
 @app.command()
@@ -88,7 +79,78 @@ def bench(
     Console().print(f"peak resident memory (MB): {report.peak_rss_mb}")
 
 
+@app.command()
+def up(
+    demo: bool = typer.Option(False, help="run the demo once everything is up"),
+    gateway_port: int = typer.Option(8080, min=1, max=65535, envvar="DTX_GATEWAY_PORT"),
+    keep_infra: bool = typer.Option(False, help="leave PostgreSQL and Kafka running at exit"),
+) -> None:
+    """Run the whole system locally: infrastructure and every service, supervised."""
+    import asyncio
+
+    from rich.console import Console
+
+    from dtx_cli.local import run_up
+
+    async def then_demo(url: str, secret: str) -> None:
+        from dtx_cli.demo import print_summary, run_demo
+
+        console = Console()
+        print_summary(await run_demo(url, secret, console=console), console)
+
+    asyncio.run(
+        run_up(
+            gateway_port=gateway_port,
+            keep_infra=keep_infra,
+            after_start=then_demo if demo else None,
+        )
+    )
+
+
+@app.command()
+def demo(
+    gateway: str = typer.Option("http://127.0.0.1:8080", envvar="DTX_GATEWAY_URL"),
+    orders: int = typer.Option(40, min=1, max=10_000),
+    secret: str | None = typer.Option(
+        None, envvar="DTX_JWT_SECRET", help="defaults to the local one"
+    ),
+) -> None:
+    """Accounts, products and a mix of 2PC and saga orders through the gateway, some failing."""
+    import asyncio
+
+    from rich.console import Console
+
+    from dtx_cli.demo import print_summary, run_demo
+    from dtx_cli.txn import _secret
+
+    console = Console()
+    print_summary(
+        asyncio.run(run_demo(gateway, _secret(secret), orders=orders, console=console)), console
+    )
+
+
+@app.command()
+def token(
+    role: str = typer.Option(..., help="admin or customer"),
+    sub: str | None = typer.Option(None, help="the account id, for a customer"),
+    ttl: int = typer.Option(3600, min=1, max=7 * 86400, help="seconds"),
+    secret: str | None = typer.Option(
+        None, envvar="DTX_JWT_SECRET", help="defaults to the local one"
+    ),
+) -> None:
+    """Mint a token for local use and print it."""
+    from dtx_cli.txn import _secret
+    from dtx_gateway.auth import mint_token
+
+    if role not in ("admin", "customer"):
+        raise typer.BadParameter("--role must be admin or customer")
+    if role == "customer" and not sub:
+        raise typer.BadParameter("--sub (the customer's account id) is required for a customer")
+    print(mint_token(_secret(secret), role, sub or "admin", ttl))
+
+
 app.add_typer(infra_app, name="infra", help="Local PostgreSQL and Kafka: up, down, status.")
+app.add_typer(txn_app, name="txn")
 
 if __name__ == "__main__":
     app()

@@ -1,4 +1,4 @@
-"""dtx services as supervised child processes on loopback: started with ``python -m dtx_cli serve``, stopped by PID."""
+"""dtx services as child processes on loopback: started with ``python -m dtx_cli.serve``, stopped by PID."""
 
 from __future__ import annotations
 
@@ -63,7 +63,7 @@ class ServiceProcess:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(
-            self.argv or [sys.executable, "-m", "dtx_cli", "serve", self.name],
+            self.argv or [sys.executable, "-m", "dtx_cli.serve", self.name],
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
