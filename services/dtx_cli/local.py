@@ -147,6 +147,9 @@ async def run_up(
         await asyncio.to_thread(system.start, 90)
         tasks.append(asyncio.create_task(supervise(system, console, stop)))
         url = f"http://127.0.0.1:{gateway_port}"
+        console.print(
+            "pids: " + ", ".join(f"{key} {proc.pid}" for key, proc in system.procs.items())
+        )
         console.print(f"[bold green]dtx is up: gateway at {url} (docs: {url}/docs)[/bold green]")
         if after_start is not None:
             await after_start(url, secret)
