@@ -84,6 +84,11 @@ def render_log4j_properties() -> str:
 def new_cluster_id() -> str:
     """A Kafka cluster id: 16 random bytes, URL-safe base64 without padding (22 chars).
 
-    This is exactly what ``kafka-storage.sh random-uuid`` prints, without starting a JVM.
+    This is what ``kafka-storage.sh random-uuid`` prints, without starting a JVM.
+    Like Kafka's own generator it draws again when the id starts with ``-``:
+    the storage tool would read such an id as an option.
     """
-    return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode("ascii").rstrip("=")
+    while True:
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode("ascii").rstrip("=")
+        if not cluster_id.startswith("-"):
+            return cluster_id

@@ -36,7 +36,12 @@ def rpc(
             await context.abort(grpc.StatusCode[exc.code_name], str(exc))
         except InvalidIdentifier as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        except (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError) as exc:
+        except (
+            OSError,
+            asyncpg.PostgresConnectionError,
+            asyncpg.InterfaceError,
+            asyncpg.InternalClientError,
+        ) as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"database unavailable: {exc}")
         raise AssertionError("unreachable")  # pragma: no cover - abort always raises
 
