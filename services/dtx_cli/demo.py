@@ -118,6 +118,8 @@ async def run_demo(
 
 
 def print_summary(report: DemoReport, console: Console) -> None:
+    placed = sum(report.outcomes.values())
+    console.print(f"demo finished: {placed} orders placed, {sum(report.errors.values())} errors")
     table = Table(title="dtx demo: orders by protocol and outcome")
     for column in ("protocol", "outcome", "orders"):
         table.add_column(column)
