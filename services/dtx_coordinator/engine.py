@@ -200,6 +200,10 @@ class Engine:
         txn.decision, txn.reason, txn.state = logged.decision, logged.reason, logged.state
         log.warning("decision for %s was taken elsewhere: %s", txn.gid, logged.decision.value)
 
+    def lease_ms(self, policy: TransactionPolicy) -> int:
+        """How long a recovery claim holds a transaction."""
+        return max(10_000, 4 * policy.timeouts.commit_ms)
+
     def _phase_two_lease(self, policy: TransactionPolicy) -> int:
         return max(5_000, 2 * policy.timeouts.commit_ms)
 

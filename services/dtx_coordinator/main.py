@@ -8,12 +8,12 @@ import asyncpg
 
 from dtx.v1 import coordinator_pb2_grpc
 from dtx_coordinator.config import CoordinatorSettings
-from dtx_coordinator.engine import Engine
+from dtx_coordinator.engine import PROTOCOL, Engine
 from dtx_coordinator.handlers import CoordinatorServicer
-from dtx_coordinator.recovery import run_recovery
 from dtx_coordinator.storage import TransactionLog
 from dtx_runtime import ServiceContext, ServiceDefinition
 from dtx_runtime.coordination.records import lease_owner
+from dtx_runtime.coordination.recovery import run_recovery
 from dtx_runtime.policy import PolicyHolder
 
 
@@ -41,7 +41,10 @@ async def setup(ctx: ServiceContext[CoordinatorSettings]) -> None:
     )
     coordinator_pb2_grpc.add_CoordinatorServicer_to_server(CoordinatorServicer(engine), ctx.server)
     ctx.side_port.add_json_route("/status", lambda: _status(policy))
-    ctx.run_in_background("recovery", lambda: run_recovery(engine, replica_prefix=replica_prefix))
+    ctx.run_in_background(
+        "recovery",
+        lambda: run_recovery(engine, protocol=PROTOCOL, replica_prefix=replica_prefix),
+    )
     ctx.run_in_background("policy-watch", policy.watch)
 
     async def close() -> None:

@@ -19,7 +19,9 @@ import asyncpg
 
 from dtx_coordinator.domain import BranchRecord, Decision, GlobalTransaction, State
 from dtx_runtime.coordination.records import Attempt
+from dtx_runtime.coordination.recovery import claim_due
 
+UNFINISHED_STATES = ("PREPARING", "COMMITTING", "ABORTING")
 _COLUMNS = (
     "gid, state, decision, reason, branches, attempts, deadline, lease_owner,"
     " created_at, updated_at, decided_at, finished_at"
@@ -165,22 +167,16 @@ class TransactionLog:
         A lease held by an earlier incarnation of this same replica (same
         prefix, other owner) is taken at once: that process is gone.
         """
-        rows = await self.lazy.fetch(
-            f"UPDATE global_transactions SET lease_owner = $1, updated_at = now(),"
-            f" lease_expires = now() + make_interval(secs => $2::float8 / 1000)"
-            f" WHERE gid IN (SELECT gid FROM global_transactions"
-            f"  WHERE state IN ('PREPARING', 'COMMITTING', 'ABORTING')"
-            f"    AND next_attempt_at <= now()"
-            f"    AND (lease_expires IS NULL OR lease_expires < now()"
-            f"         OR (starts_with(lease_owner, $3) AND lease_owner <> $1))"
-            f"    AND NOT (gid = ANY($4::text[]))"
-            f"  ORDER BY next_attempt_at LIMIT $5 FOR UPDATE SKIP LOCKED)"
-            f" RETURNING {_COLUMNS}",
-            owner,
-            lease_ms,
-            replica_prefix,
-            list(exclude),
-            limit,
+        rows = await claim_due(
+            self.lazy,
+            table="global_transactions",
+            unfinished=UNFINISHED_STATES,
+            columns=_COLUMNS,
+            owner=owner,
+            replica_prefix=replica_prefix,
+            lease_ms=lease_ms,
+            limit=limit,
+            exclude=exclude,
         )
         return [_row(r) for r in rows]
 

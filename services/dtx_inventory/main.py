@@ -9,6 +9,7 @@ from dtx_inventory.config import InventorySettings
 from dtx_inventory.handlers import InventoryServicer
 from dtx_inventory.participant import ReserveManager
 from dtx_runtime import ServiceContext, ServiceDefinition
+from dtx_runtime.outbox import OUTBOX_MIGRATIONS, wire_outbox
 from dtx_runtime.participant import BARRIER_MIGRATIONS
 from dtx_runtime.participant.wiring import wire_participant
 
@@ -19,7 +20,8 @@ async def setup(ctx: ServiceContext[InventorySettings]) -> None:
     inventory_pb2_grpc.add_InventoryServicer_to_server(
         InventoryServicer(ctx.db, ctx.settings.currency), ctx.server
     )
-    wire_participant(ctx, ReserveManager())
+    barrier = wire_participant(ctx, ReserveManager())
+    wire_outbox(ctx, barrier)
 
 
 SERVICE = ServiceDefinition(
@@ -27,5 +29,9 @@ SERVICE = ServiceDefinition(
     settings_type=InventorySettings,
     setup=setup,
     grpc_services=["dtx.v1.Inventory", "dtx.v1.Participant"],
-    migrations={"barrier": BARRIER_MIGRATIONS, "inventory": HERE / "migrations"},
+    migrations={
+        "barrier": BARRIER_MIGRATIONS,
+        "outbox": OUTBOX_MIGRATIONS,
+        "inventory": HERE / "migrations",
+    },
 )

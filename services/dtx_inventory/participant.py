@@ -1,13 +1,21 @@
-"""Inventory as a participant: a ``reserve`` holds stock inside the barrier's transaction."""
+"""Inventory as a participant: a ``reserve`` holds stock inside the barrier's transaction.
+
+The reservation writes ``stock.reserved`` and its undo ``stock.released`` into
+the outbox in the same transaction (for a two-phase commit: the prepared one),
+keyed by the order id.
+"""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 
 from asyncpg.pool import PoolConnectionProxy
 
-from dtx.v1 import participant_pb2
+from dtx.v1 import common_pb2, events_pb2, participant_pb2
 from dtx_inventory import domain, storage
+from dtx_inventory.domain import Line
+from dtx_runtime.outbox import INVENTORY_TOPIC, write_event
 from dtx_runtime.participant import Refusal
 
 log = logging.getLogger(__name__)
@@ -37,6 +45,9 @@ class ReserveManager:
                 raise Refusal(
                     f"order {reservation.order_id} already holds a reservation of {item.sku}"
                 )
+        await _write_stock_event(
+            conn, "stock.reserved", gid, reservation.order_id, reservation.items
+        )
 
     async def undo(
         self,
@@ -48,3 +59,26 @@ class ReserveManager:
         released = await storage.release(conn, gid, branch)
         if not released:
             log.warning("nothing to release for %s/%s: no held reservation", gid, branch)
+            return
+        order_id = domain.parse_reserve(operation).order_id
+        await _write_stock_event(conn, "stock.released", gid, order_id, released)
+
+
+async def _write_stock_event(
+    conn: PoolConnectionProxy, event_type: str, gid: str, order_id: str, lines: Iterable[Line]
+) -> None:
+    """stock.reserved / stock.released, in the barrier's transaction, keyed by the order id."""
+    await write_event(
+        conn,
+        topic=INVENTORY_TOPIC,
+        event_type=event_type,
+        aggregate_id=order_id,
+        payload=events_pb2.StockEvent(
+            order_id=order_id,
+            items=[
+                common_pb2.LineItem(sku=line.sku, quantity=line.quantity)
+                for line in sorted(lines, key=lambda line: line.sku)
+            ],
+            gid=gid,
+        ),
+    )

@@ -45,6 +45,7 @@ from dtx_runtime.errors import (
     ServiceError,
     Unavailable,
 )
+from dtx_runtime.outbox import notify_committed
 from dtx_runtime.rpc import Context, rpc
 
 log = logging.getLogger(__name__)
@@ -157,6 +158,7 @@ class OrdersServicer(orders_pb2_grpc.OrdersServicer):
                 if existing is None:  # pragma: no cover - orders are never deleted
                     raise Unavailable(f"idempotency_key {key!r}: conflicting order vanished; retry")
                 return _replay(existing, order_request)
+        notify_committed()  # order.placed
 
         row = await self._run(order, row)
         status = Status(row["status"])
@@ -276,10 +278,8 @@ class OrdersServicer(orders_pb2_grpc.OrdersServicer):
         if refusals:
             return Settlement(Status.REJECTED, "; ".join(refusals))
         async with self._pool.acquire() as conn:
-            await conn.execute(
-                "UPDATE orders SET status = 'CONFIRMED', updated_at = now() WHERE id = $1",
-                order.id,
-            )
+            await storage.confirm_uncoordinated(conn, order.id)
+        notify_committed()  # order.confirmed
         return Settlement(Status.CONFIRMED)
 
     async def _run_saga(self, order: NewOrder) -> Settlement | None:
@@ -341,7 +341,7 @@ async def settle(
     domain.check_transition(Status.PENDING, settlement.status)
     async with pool.acquire() as conn:
         try:
-            return await storage.settle(
+            row = await storage.settle(
                 conn,
                 order_id,
                 settlement.status,
@@ -351,3 +351,6 @@ async def settle(
         except asyncpg.LockNotAvailableError:
             log.info("order %s is still held by its transaction; settling it later", order_id)
             return None
+    if row is not None:
+        notify_committed()  # order.rejected / order.failed / order.cancelled
+    return row

@@ -18,6 +18,7 @@ from dtx_orders.participant import ConfirmOrderManager
 from dtx_orders.reconciler import RemoteLookup, run_reconciler
 from dtx_runtime import ServiceContext, ServiceDefinition
 from dtx_runtime.channels import Channels
+from dtx_runtime.outbox import OUTBOX_MIGRATIONS, wire_outbox
 from dtx_runtime.participant import BARRIER_MIGRATIONS
 from dtx_runtime.participant.wiring import wire_participant
 
@@ -54,7 +55,8 @@ async def setup(ctx: ServiceContext[OrdersSettings]) -> None:
         ),
         ctx.server,
     )
-    wire_participant(ctx, ConfirmOrderManager())
+    barrier = wire_participant(ctx, ConfirmOrderManager())
+    wire_outbox(ctx, barrier)
     pool = ctx.db
     lookup = RemoteLookup(remotes.coordinator, remotes.saga, settings.lookup_timeout_seconds)
     ctx.run_in_background(
@@ -75,5 +77,9 @@ SERVICE = ServiceDefinition(
     settings_type=OrdersSettings,
     setup=setup,
     grpc_services=["dtx.v1.Orders", "dtx.v1.Participant"],
-    migrations={"barrier": BARRIER_MIGRATIONS, "orders": HERE / "migrations"},
+    migrations={
+        "barrier": BARRIER_MIGRATIONS,
+        "outbox": OUTBOX_MIGRATIONS,
+        "orders": HERE / "migrations",
+    },
 )

@@ -3,6 +3,9 @@
 In a two-phase commit this runs in the orders branch's prepared transaction,
 so the order is confirmed exactly when the payment and the reservation
 commit. In a saga it is the last step; its compensation cancels the order.
+Both write their event (``order.confirmed``, ``order.cancelled``) in the same
+transaction (see :mod:`dtx_orders.storage`); the barrier wakes the outbox
+relay after it commits.
 """
 
 from __future__ import annotations

@@ -12,6 +12,9 @@ unreachable, timed out, or the orders service stopped mid-call. After
 * saga: ``GetSaga(gid)``. COMPENSATED → CANCELLED; anything else waits. An unknown
   saga is aborted (``AbortSaga`` records a tombstone), so its order is CANCELLED.
 
+Each settlement writes its event (``order.rejected``, ``order.failed``,
+``order.cancelled``) with the status change, through :func:`handlers.settle`.
+
 Orders are read in pages after a cursor, so a pass reaches every old
 PENDING order even when the oldest ones stay undecided. Every call has a
 deadline; a failure is logged and counted and the loop goes on.

@@ -5,6 +5,14 @@ database, not a read-then-write in Python, decides which of two concurrent
 settlers wins. While a two-phase commit holds the order's row in a prepared
 transaction, an update of it would wait until phase two; ``lock_timeout``
 bounds that wait and the order is settled later instead.
+
+Every change of status writes its event (``order.placed``, ``order.confirmed``,
+``order.rejected``, ``order.failed``, ``order.cancelled``) into the outbox in
+the same transaction, after the UPDATE that holds the order's row, so the
+event exists exactly when the change does and one order's events are written
+in the order of its changes. The caller wakes the relay after its commit
+(:func:`dtx_runtime.outbox.notify_committed`); the barrier's commits do that
+themselves.
 """
 
 from __future__ import annotations
@@ -16,7 +24,9 @@ from datetime import datetime
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
-from dtx_orders.domain import NewOrder, Status
+from dtx.v1 import events_pb2
+from dtx_orders.domain import PROTOCOL_TO_PROTO, NewOrder, Protocol, Status
+from dtx_runtime.outbox import ORDERS_TOPIC, write_event
 
 Conn = asyncpg.Connection | PoolConnectionProxy
 
@@ -26,8 +36,49 @@ _COLUMNS = (
 )
 
 
+STATUS_EVENTS = {
+    Status.CONFIRMED: "order.confirmed",
+    Status.REJECTED: "order.rejected",
+    Status.FAILED: "order.failed",
+    Status.CANCELLED: "order.cancelled",
+}
+"""The event each status change writes (PENDING is order.placed)."""
+
+
+def order_event(row: asyncpg.Record) -> events_pb2.OrderEvent:
+    """The payload of an order event, from the order's row as the change left it."""
+    return events_pb2.OrderEvent(
+        order_id=str(row["id"]),
+        account_id=str(row["account_id"]),
+        total_minor=row["total_minor"],
+        currency=row["currency"],
+        protocol=PROTOCOL_TO_PROTO[Protocol(row["protocol"])],
+        reason=row["reason"],
+        gid=row["gid"],
+    )
+
+
+async def write_order_event(conn: Conn, event_type: str, row: asyncpg.Record) -> None:
+    """The event of a change of ``row``, in the caller's transaction (keyed by the order id)."""
+    await write_event(
+        conn,
+        topic=ORDERS_TOPIC,
+        event_type=event_type,
+        aggregate_id=str(row["id"]),
+        payload=order_event(row),
+    )
+
+
 async def insert_order(conn: Conn, order: NewOrder) -> asyncpg.Record | None:
-    """The stored order, or None when another order holds its idempotency key."""
+    """The stored order (and its order.placed), or None when another order holds its key."""
+    async with conn.transaction():
+        row = await _insert_order(conn, order)
+        if row is not None:
+            await write_order_event(conn, "order.placed", row)
+    return row
+
+
+async def _insert_order(conn: Conn, order: NewOrder) -> asyncpg.Record | None:
     return await conn.fetchrow(
         "INSERT INTO orders (id, account_id, items, total_minor, currency, protocol, gid,"
         " idempotency_key, request_hash) VALUES ($1, $2, $3::jsonb, $4, $5, $6, $7, $8, $9)"
@@ -71,24 +122,47 @@ async def settle(
     """
     async with conn.transaction():
         await conn.execute(f"SET LOCAL lock_timeout = {int(lock_timeout_ms)}")
-        return await conn.fetchrow(
+        row = await conn.fetchrow(
             "UPDATE orders SET status = $2, reason = $3, updated_at = now()"
             f" WHERE id = $1 AND status = 'PENDING' RETURNING {_COLUMNS}",
             order_id,
             status.value,
             reason,
         )
+        if row is not None:
+            await write_order_event(conn, STATUS_EVENTS[status], row)
+        return row
 
 
 async def confirm(conn: Conn, order_id: uuid.UUID, gid: str) -> bool:
-    """PENDING → CONFIRMED by the order's own transaction, in the caller's (barrier) transaction."""
-    done = await conn.fetchval(
+    """PENDING → CONFIRMED by the order's own transaction, in the caller's (barrier) transaction.
+
+    For a two-phase commit that transaction is then prepared: order.confirmed
+    is published only if the branch commits.
+    """
+    row = await conn.fetchrow(
         "UPDATE orders SET status = 'CONFIRMED', updated_at = now()"
-        " WHERE id = $1 AND gid = $2 AND status = 'PENDING' RETURNING true",
+        f" WHERE id = $1 AND gid = $2 AND status = 'PENDING' RETURNING {_COLUMNS}",
         order_id,
         gid,
     )
-    return bool(done)
+    if row is None:
+        return False
+    await write_order_event(conn, "order.confirmed", row)
+    return True
+
+
+async def confirm_uncoordinated(conn: Conn, order_id: uuid.UUID) -> asyncpg.Record | None:
+    """PENDING → CONFIRMED for the benchmark's uncoordinated baseline, with its order.confirmed."""
+    async with conn.transaction():
+        row = await conn.fetchrow(
+            "UPDATE orders SET status = 'CONFIRMED', updated_at = now()"
+            f" WHERE id = $1 AND status = 'PENDING' RETURNING {_COLUMNS}",
+            order_id,
+        )
+        if row is not None:
+            await write_order_event(conn, "order.confirmed", row)
+        return row
 
 
 async def status_of(conn: Conn, order_id: uuid.UUID) -> tuple[Status, str] | None:
@@ -99,13 +173,16 @@ async def status_of(conn: Conn, order_id: uuid.UUID) -> tuple[Status, str] | Non
 
 async def cancel_confirmed(conn: Conn, order_id: uuid.UUID, reason: str) -> bool:
     """CONFIRMED → CANCELLED (a saga's compensation), in the caller's transaction."""
-    done = await conn.fetchval(
+    row = await conn.fetchrow(
         "UPDATE orders SET status = 'CANCELLED', reason = $2, updated_at = now()"
-        " WHERE id = $1 AND status = 'CONFIRMED' RETURNING true",
+        f" WHERE id = $1 AND status = 'CONFIRMED' RETURNING {_COLUMNS}",
         order_id,
         reason,
     )
-    return bool(done)
+    if row is None:
+        return False
+    await write_order_event(conn, "order.cancelled", row)
+    return True
 
 
 async def pending_older_than(

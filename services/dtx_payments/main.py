@@ -9,6 +9,7 @@ from dtx_payments.config import PaymentsSettings
 from dtx_payments.handlers import PaymentsServicer
 from dtx_payments.participant import ChargeManager
 from dtx_runtime import ServiceContext, ServiceDefinition
+from dtx_runtime.outbox import OUTBOX_MIGRATIONS, wire_outbox
 from dtx_runtime.participant import BARRIER_MIGRATIONS
 from dtx_runtime.participant.wiring import wire_participant
 
@@ -17,7 +18,8 @@ HERE = Path(__file__).parent
 
 async def setup(ctx: ServiceContext[PaymentsSettings]) -> None:
     payments_pb2_grpc.add_PaymentsServicer_to_server(PaymentsServicer(ctx.db), ctx.server)
-    wire_participant(ctx, ChargeManager())
+    barrier = wire_participant(ctx, ChargeManager())
+    wire_outbox(ctx, barrier)
 
 
 SERVICE = ServiceDefinition(
@@ -25,5 +27,9 @@ SERVICE = ServiceDefinition(
     settings_type=PaymentsSettings,
     setup=setup,
     grpc_services=["dtx.v1.Payments", "dtx.v1.Participant"],
-    migrations={"barrier": BARRIER_MIGRATIONS, "payments": HERE / "migrations"},
+    migrations={
+        "barrier": BARRIER_MIGRATIONS,
+        "outbox": OUTBOX_MIGRATIONS,
+        "payments": HERE / "migrations",
+    },
 )

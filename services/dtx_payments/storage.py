@@ -7,6 +7,7 @@ hot path of a prepare is one round trip besides the barrier's own.
 from __future__ import annotations
 
 import uuid
+from dataclasses import dataclass
 
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
@@ -48,12 +49,25 @@ WITH charged AS (
 ), credited AS (
     UPDATE accounts a SET balance_minor = a.balance_minor + c.amount
     FROM charged c WHERE a.id = c.account_id
-    RETURNING a.id, c.amount, c.order_id
+    RETURNING a.id, c.amount, c.order_id, a.currency
+), recorded AS (
+    INSERT INTO ledger (account_id, gid, branch, order_id, kind, amount_minor)
+    SELECT id, $1, $2, order_id, 'refund', amount FROM credited
+    RETURNING amount_minor
 )
-INSERT INTO ledger (account_id, gid, branch, order_id, kind, amount_minor)
-SELECT id, $1, $2, order_id, 'refund', amount FROM credited
-RETURNING amount_minor
+SELECT c.id AS account_id, r.amount_minor, c.order_id, c.currency
+FROM credited c CROSS JOIN recorded r
 """
+
+
+@dataclass(frozen=True)
+class Refund:
+    """What a refund gave back, as the ledger recorded it."""
+
+    account_id: uuid.UUID
+    amount_minor: int
+    currency: str
+    order_id: str
 
 
 async def create_account(conn: Conn, account_id: uuid.UUID, new: NewAccount) -> asyncpg.Record:
@@ -87,7 +101,9 @@ async def charge(conn: Conn, gid: str, branch: str, charge: Charge) -> int | Non
     return balance
 
 
-async def refund(conn: Conn, gid: str, branch: str) -> int | None:
-    """Credit back what the branch charged; the amount, or None if it charged nothing."""
-    amount: int | None = await conn.fetchval(_REFUND, gid, branch)
-    return amount
+async def refund(conn: Conn, gid: str, branch: str) -> Refund | None:
+    """Credit back what the branch charged; what was refunded, or None if it charged nothing."""
+    row = await conn.fetchrow(_REFUND, gid, branch)
+    if row is None:
+        return None
+    return Refund(row["account_id"], row["amount_minor"], row["currency"], row["order_id"] or "")

@@ -9,11 +9,12 @@ import asyncpg
 from dtx.v1 import saga_pb2_grpc
 from dtx_runtime import ServiceContext, ServiceDefinition
 from dtx_runtime.coordination.records import lease_owner
+from dtx_runtime.coordination.recovery import run_recovery
 from dtx_runtime.policy import PolicyHolder
 from dtx_saga.config import SagaSettings
 from dtx_saga.engine import Engine
 from dtx_saga.handlers import SagaOrchestratorServicer
-from dtx_saga.recovery import run_recovery
+from dtx_saga.metrics import PROTOCOL
 from dtx_saga.storage import SagaLog
 
 
@@ -47,7 +48,10 @@ async def setup(ctx: ServiceContext[SagaSettings]) -> None:
         SagaOrchestratorServicer(engine), ctx.server
     )
     ctx.side_port.add_json_route("/status", lambda: _status(policy, engine))
-    ctx.run_in_background("recovery", lambda: run_recovery(engine, replica_prefix=replica_prefix))
+    ctx.run_in_background(
+        "recovery",
+        lambda: run_recovery(engine, protocol=PROTOCOL, replica_prefix=replica_prefix),
+    )
     ctx.run_in_background("policy-watch", policy.watch)
 
     async def close() -> None:

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import asyncpg
 
 from dtx_runtime.coordination.records import Attempt
+from dtx_runtime.coordination.recovery import claim_due
 from dtx_saga.domain import Direction, Saga, State, StepRecord, cursor
 
 _COLUMNS = (
@@ -42,6 +43,7 @@ _COLUMNS = (
     " GREATEST(EXTRACT(EPOCH FROM deadline - now()), 0)::float8 AS remaining_s"
 )
 
+UNFINISHED_STATES = ("RUNNING", "COMPENSATING")
 _UNFINISHED = "('RUNNING', 'COMPENSATING')"
 
 
@@ -151,22 +153,16 @@ class SagaLog:
         A lease held by an earlier incarnation of this same replica (same
         prefix, other owner) is taken at once: that process is gone.
         """
-        rows = await self.lazy.fetch(
-            f"UPDATE sagas SET lease_owner = $1, updated_at = now(),"
-            f" lease_expires = now() + make_interval(secs => $2::float8 / 1000)"
-            f" WHERE gid IN (SELECT gid FROM sagas"
-            f"  WHERE state IN {_UNFINISHED}"
-            f"    AND next_attempt_at <= now()"
-            f"    AND (lease_expires IS NULL OR lease_expires < now()"
-            f"         OR (starts_with(lease_owner, $3) AND lease_owner <> $1))"
-            f"    AND NOT (gid = ANY($4::text[]))"
-            f"  ORDER BY next_attempt_at LIMIT $5 FOR UPDATE SKIP LOCKED)"
-            f" RETURNING {_COLUMNS}",
-            owner,
-            lease_ms,
-            replica_prefix,
-            list(exclude),
-            limit,
+        rows = await claim_due(
+            self.lazy,
+            table="sagas",
+            unfinished=UNFINISHED_STATES,
+            columns=_COLUMNS,
+            owner=owner,
+            replica_prefix=replica_prefix,
+            lease_ms=lease_ms,
+            limit=limit,
+            exclude=exclude,
         )
         return [_row(r) for r in rows]
 

@@ -26,7 +26,7 @@ from dtx.v1 import common_pb2 as dtx_dot_v1_dot_common__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13\x64tx/v1/events.proto\x12\x06\x64tx.v1\x1a\x13\x64tx/v1/common.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x8d\x01\n\nOrderEvent\x12\x10\n\x08order_id\x18\x01 \x01(\t\x12\x12\n\naccount_id\x18\x02 \x01(\t\x12\x13\n\x0btotal_minor\x18\x03 \x01(\x03\x12\x10\n\x08\x63urrency\x18\x04 \x01(\t\x12\"\n\x08protocol\x18\x05 \x01(\x0e\x32\x10.dtx.v1.Protocol\x12\x0e\n\x06reason\x18\x06 \x01(\t\"\\\n\x0cPaymentEvent\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\x10\n\x08order_id\x18\x02 \x01(\t\x12\x14\n\x0c\x61mount_minor\x18\x03 \x01(\x03\x12\x10\n\x08\x63urrency\x18\x04 \x01(\t\"?\n\nStockEvent\x12\x10\n\x08order_id\x18\x01 \x01(\t\x12\x1f\n\x05items\x18\x02 \x03(\x0b\x32\x10.dtx.v1.LineItem\"\xfe\x01\n\x05\x45vent\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\x14\n\x0c\x61ggregate_id\x18\x03 \x01(\t\x12/\n\x0boccurred_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0eschema_version\x18\x05 \x01(\x05\x12#\n\x05order\x18\n \x01(\x0b\x32\x12.dtx.v1.OrderEventH\x00\x12\'\n\x07payment\x18\x0b \x01(\x0b\x32\x14.dtx.v1.PaymentEventH\x00\x12#\n\x05stock\x18\x0c \x01(\x0b\x32\x12.dtx.v1.StockEventH\x00\x42\t\n\x07payloadb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13\x64tx/v1/events.proto\x12\x06\x64tx.v1\x1a\x13\x64tx/v1/common.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x9a\x01\n\nOrderEvent\x12\x10\n\x08order_id\x18\x01 \x01(\t\x12\x12\n\naccount_id\x18\x02 \x01(\t\x12\x13\n\x0btotal_minor\x18\x03 \x01(\x03\x12\x10\n\x08\x63urrency\x18\x04 \x01(\t\x12\"\n\x08protocol\x18\x05 \x01(\x0e\x32\x10.dtx.v1.Protocol\x12\x0e\n\x06reason\x18\x06 \x01(\t\x12\x0b\n\x03gid\x18\x07 \x01(\t\"i\n\x0cPaymentEvent\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\x10\n\x08order_id\x18\x02 \x01(\t\x12\x14\n\x0c\x61mount_minor\x18\x03 \x01(\x03\x12\x10\n\x08\x63urrency\x18\x04 \x01(\t\x12\x0b\n\x03gid\x18\x05 \x01(\t\"L\n\nStockEvent\x12\x10\n\x08order_id\x18\x01 \x01(\t\x12\x1f\n\x05items\x18\x02 \x03(\x0b\x32\x10.dtx.v1.LineItem\x12\x0b\n\x03gid\x18\x03 \x01(\t\"\xfe\x01\n\x05\x45vent\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\x14\n\x0c\x61ggregate_id\x18\x03 \x01(\t\x12/\n\x0boccurred_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0eschema_version\x18\x05 \x01(\x05\x12#\n\x05order\x18\n \x01(\x0b\x32\x12.dtx.v1.OrderEventH\x00\x12\'\n\x07payment\x18\x0b \x01(\x0b\x32\x14.dtx.v1.PaymentEventH\x00\x12#\n\x05stock\x18\x0c \x01(\x0b\x32\x12.dtx.v1.StockEventH\x00\x42\t\n\x07payloadb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,11 +34,11 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'dtx.v1.events_pb2', _global
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_ORDEREVENT']._serialized_start=86
-  _globals['_ORDEREVENT']._serialized_end=227
-  _globals['_PAYMENTEVENT']._serialized_start=229
-  _globals['_PAYMENTEVENT']._serialized_end=321
-  _globals['_STOCKEVENT']._serialized_start=323
-  _globals['_STOCKEVENT']._serialized_end=386
-  _globals['_EVENT']._serialized_start=389
-  _globals['_EVENT']._serialized_end=643
+  _globals['_ORDEREVENT']._serialized_end=240
+  _globals['_PAYMENTEVENT']._serialized_start=242
+  _globals['_PAYMENTEVENT']._serialized_end=347
+  _globals['_STOCKEVENT']._serialized_start=349
+  _globals['_STOCKEVENT']._serialized_end=425
+  _globals['_EVENT']._serialized_start=428
+  _globals['_EVENT']._serialized_end=682
 # @@protoc_insertion_point(module_scope)

@@ -91,8 +91,10 @@ async def ensure_topics(
             return
         response = await asyncio.wait_for(
             admin.create_topics(
-                [NewTopic(t, num_partitions=partitions, replication_factor=replication_factor)
-                 for t in missing]
+                [
+                    NewTopic(t, num_partitions=partitions, replication_factor=replication_factor)
+                    for t in missing
+                ]
             ),
             timeout_s,
         )

@@ -16,6 +16,12 @@ why consumers deduplicate by event id (their inbox). A failed batch is retried
 with capped exponential backoff, never dropped, never spun on; the producer is
 recreated after a failure so that a broker restart cannot leave it stuck.
 
+Order: one producer, one request in flight per broker and idempotence keep
+a key's records in their ``seq`` order on its partition. Only a batch that
+Kafka acknowledges in part (its retries exhausted for some records) can put a
+redelivered record after a later one of the same key; consumers that care
+compare ``occurred_at`` or their own state.
+
 It wakes when this process commits events (:func:`notify_committed`), when a
 standby replica forwards such a wake-up through ``pg_notify`` (a plain
 statement on the standby's own connection, never inside a transaction that may
@@ -42,7 +48,7 @@ from opentelemetry import propagate
 from prometheus_client import Counter, Gauge, Histogram
 
 from dtx_runtime.failpoints import failpoint
-from dtx_runtime.outbox.envelope import header_dict, kafka_headers, physical_topic
+from dtx_runtime.outbox.envelope import kafka_headers, physical_topic
 from dtx_runtime.outbox.kafka import Backoff
 from dtx_runtime.outbox.writer import add_waker
 
@@ -88,6 +94,10 @@ _TRIM = (
     "DELETE FROM dtx_outbox WHERE ctid = ANY(ARRAY("
     " SELECT ctid FROM dtx_outbox WHERE sent_at < now() - $1::interval LIMIT $2))"
 )
+
+
+TRIM_BATCH = 5000
+TRIM_BATCHES = 20
 
 
 class PublishFailed(Exception):
@@ -171,7 +181,7 @@ class OutboxRelay:
                     raise
                 except Exception as exc:
                     self.last_error = f"{type(exc).__name__}: {exc}"
-                    log.warning("outbox relay: %s; retrying", self.last_error)
+                    log.warning("outbox relay: %s; retrying", self.last_error, exc_info=True)
                     await backoff.wait()
         finally:
             remove()
@@ -199,6 +209,7 @@ class OutboxRelay:
                     self.last_error = f"{type(exc).__name__}: {exc}"
                     log.warning("outbox publish failed (%s); backing off", self.last_error)
                     await self._drop_producer()
+                    await self._refresh_gauges(conn, force=True)
                     await backoff.wait()
                     continue
                 backoff.reset()
@@ -241,24 +252,28 @@ class OutboxRelay:
             return 0
         producer = await self._ensure_producer()
         traced = _send_is_traced()
-        futures = []
-        for row in rows:
-            stored = _headers(row["headers"])
-            token = otel_context.attach(propagate.extract(stored))
-            try:
-                futures.append(
-                    await producer.send(
-                        physical_topic(self.options.topic_prefix, row["topic"]),
-                        value=row["payload"],
-                        key=row["key"].encode(),
-                        headers=kafka_headers(row["type"], stored, with_trace=not traced),
+        futures: list[Any] = []
+        try:
+            for row in rows:
+                stored = _headers(row["headers"])
+                # Send inside the writer's trace, so an instrumented producer continues it.
+                token = otel_context.attach(propagate.extract(stored))
+                try:
+                    futures.append(
+                        await producer.send(
+                            physical_topic(self.options.topic_prefix, row["topic"]),
+                            value=row["payload"],
+                            key=row["key"].encode(),
+                            headers=kafka_headers(row["type"], stored, with_trace=not traced),
+                        )
                     )
-                )
-            finally:
-                otel_context.detach(token)
-        results = await asyncio.wait_for(
-            asyncio.gather(*futures, return_exceptions=True), self.options.send_timeout_s
-        )
+                finally:
+                    otel_context.detach(token)
+        except BaseException:
+            for future in futures:
+                future.cancel()  # nothing is marked: the whole batch is sent again
+            raise
+        results = await self._settle(conn, futures)
         if self._after_send is not None:
             await self._after_send()
         await failpoint("outbox.after_send")
@@ -291,9 +306,7 @@ class OutboxRelay:
         if self._producer is None:
             producer = self._producer_factory()
             try:
-                await asyncio.wait_for(
-                    producer.start(), self.options.request_timeout_ms / 1000 + 5
-                )
+                await asyncio.wait_for(producer.start(), self.options.request_timeout_ms / 1000 + 5)
             except BaseException:
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(producer.stop(), 5)
@@ -307,11 +320,31 @@ class OutboxRelay:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(producer.stop(), 10)
 
+    async def _settle(
+        self, conn: asyncpg.Connection, futures: list[Any]
+    ) -> list[BaseException | None]:
+        """Wait for every delivery up to the send timeout, keeping the gauges fresh meanwhile.
+
+        (When Kafka is away this wait is what a failing round spends its time in.)
+        """
+        timeout_s = self.options.send_timeout_s
+        deadline = time.monotonic() + timeout_s
+        pending = set(futures)
+        while pending and (remaining := deadline - time.monotonic()) > 0:
+            _, pending = await asyncio.wait(
+                pending, timeout=min(remaining, self.options.gauges_interval_s)
+            )
+            if pending:
+                await self._refresh_gauges(conn)
+        for future in pending:
+            future.cancel()
+        return _outcomes(futures, timeout_s)
+
     # -- housekeeping ------------------------------------------------------
 
-    async def _refresh_gauges(self, conn: asyncpg.Connection) -> None:
+    async def _refresh_gauges(self, conn: asyncpg.Connection, *, force: bool = False) -> None:
         now = time.monotonic()
-        if now - self._last_gauges < self.options.gauges_interval_s:
+        if not force and now - self._last_gauges < self.options.gauges_interval_s:
             return
         self._last_gauges = now
         row = await conn.fetchrow(_BACKLOG)
@@ -324,12 +357,26 @@ class OutboxRelay:
         if now - self._last_trim < self.options.trim_interval_s:
             return
         self._last_trim = now
-        await conn.execute(_TRIM, self.options.retention, 5000)
+        for _ in range(TRIM_BATCHES):  # bounded: at most this much work per pass
+            deleted = await conn.execute(_TRIM, self.options.retention, TRIM_BATCH)
+            if int(deleted.split()[-1]) < TRIM_BATCH:
+                break
 
     def _set_active(self, active: bool) -> None:
         if active != self.is_active:
             self.is_active = active
             LEADER.set(1 if active else 0)
+
+
+def _outcomes(futures: list[Any], timeout_s: float) -> list[BaseException | None]:
+    """None for a delivered record, else its error (a cancelled one timed out)."""
+    results: list[BaseException | None] = []
+    for future in futures:
+        if future.cancelled():
+            results.append(TimeoutError(f"not acknowledged within {timeout_s:g} s"))
+        else:
+            results.append(future.exception())
+    return results
 
 
 def _failed(result: object) -> bool:

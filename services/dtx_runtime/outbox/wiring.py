@@ -42,7 +42,10 @@ class OutboxSettings(ServiceSettings):
     outbox_poll_interval_ms: int = Field(default=500, ge=10, le=60_000)
     outbox_batch_size: int = Field(default=500, ge=1, le=10_000)
     outbox_retention_hours: int = Field(default=24, ge=1, le=24 * 365)
-    outbox_kafka_readiness: bool = True
+    # Off by default: the outbox exists so that a Kafka outage does not stop
+    # business; a participant reporting unready would stop it all the same.
+    # The backlog metrics and alerts say when Kafka is behind.
+    outbox_kafka_readiness: bool = False
 
 
 def wake_after_commits(barrier: Barrier) -> None:
@@ -56,9 +59,9 @@ def wake_after_commits(barrier: Barrier) -> None:
         original = getattr(barrier, name)
 
         @functools.wraps(original)
-        async def committed(*args: Any, __original: Any = original, **kwargs: Any) -> Any:
+        async def committed(*args: Any, _call: Any = original, **kwargs: Any) -> Any:
             try:
-                return await __original(*args, **kwargs)
+                return await _call(*args, **kwargs)
             finally:
                 notify_committed()
 
@@ -77,9 +80,7 @@ def wire_outbox(
     service = ctx.settings
     bootstrap = service.kafka_bootstrap
     if not bootstrap:
-        log.warning(
-            "DTX_KAFKA_BOOTSTRAP is not set: events are kept in the outbox, not published"
-        )
+        log.warning("DTX_KAFKA_BOOTSTRAP is not set: events are kept in the outbox, not published")
         return None
     if not service.database_url:  # pragma: no cover - a service with migrations has one
         raise ValueError("the outbox needs DTX_DATABASE_URL")
