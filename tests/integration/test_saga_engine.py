@@ -418,7 +418,7 @@ async def test_another_replica_takes_over_when_the_lease_runs_out(rig: Rig) -> N
     )
     assert steps_of(saga) == {"pay-a": "done", "pay-b": "done"}
     assert (await rig.balance("payments", a), await rig.balance("bank", b)) == (700, 800)
-    assert "recovered 1 sagas" in second.log_path.read_text()
+    assert "recovered 1 saga transactions" in second.log_path.read_text()
 
 
 async def test_orchestrator_stopped_gracefully_hands_its_saga_back(rig: Rig) -> None:
