@@ -180,6 +180,12 @@ class PolicyHolder:
         assert self._path is not None
         try:
             text = self._path.read_text()
+        except FileNotFoundError:
+            # A ConfigMap volume may appear after the pod starts (the operator
+            # writes it): run on the defaults meanwhile and pick it up then.
+            if initial:
+                log.warning("policy file %s is missing; running on %s", self._path, self.hash)
+            return False
         except OSError as exc:
             if initial:
                 raise ConfigError(f"policy file {self._path}: {exc.strerror}") from None

@@ -305,10 +305,15 @@ def test_holder_without_a_file_runs_the_base_policy() -> None:
     assert holder.current is base
 
 
-def test_holder_refuses_a_missing_file_at_start(tmp_path: Path) -> None:
-    missing = tmp_path / "policy.yaml"
-    with pytest.raises(ConfigError, match=str(missing)):
-        PolicyHolder(missing)
+def test_a_missing_file_runs_on_defaults_until_it_appears(tmp_path: Path) -> None:
+    # A ConfigMap volume can appear after the pod starts.
+    path = tmp_path / "policy.yaml"
+    holder = PolicyHolder(path)
+    assert holder.current == TransactionPolicy()
+    assert holder.reload() is False
+    path.write_text("maxInFlight: 7\n")
+    assert holder.reload() is True
+    assert holder.current.max_in_flight == 7
 
 
 def test_holder_refuses_an_invalid_file_at_start(tmp_path: Path) -> None:
