@@ -149,7 +149,8 @@ async def test_money_and_stock_are_conserved_while_processes_die(stack: Stack) -
     )
     assert parked == [], f"transactions not finished: {parked}"
     unfinished = await stack.fetch(
-        "saga", "SELECT gid, state, reason FROM sagas WHERE state NOT IN ('COMPLETED', 'COMPENSATED')"
+        "saga",
+        "SELECT gid, state, reason FROM sagas WHERE state NOT IN ('COMPLETED', 'COMPENSATED')",
     )
     assert unfinished == [], f"sagas not finished: {unfinished}"
     protocols = await stack.fetch("orders", "SELECT protocol, count(*) AS n FROM orders GROUP BY 1")
