@@ -26,6 +26,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import aiohttp
 import asyncpg
 import grpc
 
@@ -62,6 +63,9 @@ class PathResult:
     errors: int = 0
     ratio_to_direct: float | None = None
     rejected: int = 0
+    # The outbox while this path ran, over every service (sampled twice a second).
+    outbox_max_backlog: int = 0
+    outbox_max_oldest_unsent_s: float = 0.0
 
 
 @dataclass
@@ -80,6 +84,17 @@ def _pct(samples: list[float], q: float) -> float:
         return 0.0
     ordered = sorted(samples)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
+
+
+def _outbox_gauges(text: str) -> list[tuple[str, float]]:
+    """The outbox backlog and oldest-unsent age from one /metrics page."""
+    found = []
+    for line in text.splitlines():
+        if line.startswith("dtx_outbox_backlog "):
+            found.append(("backlog", float(line.split()[-1])))
+        elif line.startswith("dtx_outbox_oldest_unsent_age_seconds "):
+            found.append(("oldest", float(line.split()[-1])))
+    return found
 
 
 def _rss_mb(pid: int) -> float:
@@ -230,15 +245,22 @@ async def run_bench(
         local_pool = await _local_pool(new_db("local"), len(accounts), skus)
 
         rss: dict[str, float] = {}
+        outbox = {"backlog": 0.0, "oldest": 0.0}
+        http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2))
 
         async def sample_rss() -> None:
             while True:
                 for key, proc in system.procs.items():
                     rss[key] = max(rss.get(key, 0.0), _rss_mb(proc.pid))
+                    with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+                        async with http.get(f"{proc.http}/metrics") as response:
+                            for name, value in _outbox_gauges(await response.text()):
+                                outbox[name] = max(outbox[name], value)
                 await asyncio.sleep(0.5)
 
         sampler = asyncio.create_task(sample_rss())
         for path in paths:
+            outbox.update(backlog=0.0, oldest=0.0)
             if path == "local":
                 call = _local_call(local_pool)
                 workload = Workload([str(i) for i in range(len(accounts))], skus)
@@ -265,10 +287,13 @@ async def run_bench(
             result.p95_ms = round(_pct(latencies, 0.95), 2)
             result.p99_ms = round(_pct(latencies, 0.99), 2)
             result.errors += errors
+            result.outbox_max_backlog = int(outbox["backlog"])
+            result.outbox_max_oldest_unsent_s = round(outbox["oldest"], 3)
             report.results.append(result)
         sampler.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await sampler
+        await http.close()
         report.peak_rss_mb = {k: round(v, 1) for k, v in rss.items()}
         direct = next((r for r in report.results if r.path == "direct"), None)
         for result in report.results:
@@ -358,6 +383,7 @@ def summary_rows(report: BenchReport) -> list[list[str]]:
             f"{r.p95_ms:.1f}",
             f"{r.p99_ms:.1f}",
             str(r.errors),
+            f"{r.outbox_max_backlog} / {r.outbox_max_oldest_unsent_s * 1000:.0f} ms",
         ]
         for r in report.results
     ]

@@ -71,6 +71,7 @@ def bench(
         "p95 ms",
         "p99 ms",
         "errors",
+        "outbox backlog / oldest",
     ):
         table.add_column(column, justify="right")
     for row in summary_rows(report):
