@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,12 +12,12 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dtx_infra.ports import free_ports
+
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+    """A loopback port that is free now, outside the ephemeral range."""
+    return free_ports(1)[0]
 
 
 @dataclass

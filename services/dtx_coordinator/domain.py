@@ -45,6 +45,7 @@ class BranchState(enum.StrEnum):
     PREPARED = "prepared"  # voted yes
     NO = "no"  # voted no: nothing held
     FAILED = "failed"  # prepare failed or timed out: state unknown, must be aborted
+    READ_ONLY = "read_only"  # voted yes having changed nothing: owes no phase two
     COMMITTED = "committed"
     ABORTED = "aborted"
 
@@ -122,12 +123,12 @@ def validate_request(
 
 
 def decide(branches: Sequence[BranchRecord]) -> tuple[Decision, str]:
-    """Commit only when every branch voted yes; otherwise abort, naming the first cause."""
+    """Commit only when every branch voted yes (or read-only); else abort, naming the first cause."""
     for branch in branches:
         if branch.state is BranchState.NO:
             return Decision.ABORT, f"{branch.branch}: {branch.reason}"
     for branch in branches:
-        if branch.state is not BranchState.PREPARED:
+        if branch.state not in (BranchState.PREPARED, BranchState.READ_ONLY):
             return Decision.ABORT, f"{branch.branch}: {branch.reason or 'did not prepare'}"
     return Decision.COMMIT, ""
 

@@ -180,6 +180,9 @@ class Engine:
             return
         if reply.vote == participant_pb2.VOTE_COMMIT:
             branch.state = BranchState.PREPARED
+        elif reply.vote == participant_pb2.VOTE_READ_ONLY:
+            # Nothing is held: the read-only optimisation skips its phase two.
+            branch.state = BranchState.READ_ONLY
         else:
             branch.state, branch.reason = BranchState.NO, reply.reason or "voted no"
 

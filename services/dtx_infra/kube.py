@@ -26,7 +26,6 @@ import ipaddress
 import json
 import os
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -43,6 +42,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from dtx_infra.ports import free_ports
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 BUILD_SCRIPT = REPO_ROOT / "k8s" / "toolchain" / "build.sh"
@@ -523,19 +524,8 @@ def _kubeconfig(server: str, ca: bytes, cert: bytes, key: bytes) -> str:
 
 
 def _free_ports(count: int) -> list[int]:
-    """Ports the kernel just handed out on 127.0.0.1 (all held open at once, so distinct).
-
-    Another process could grab one before our component binds it; on loopback in a test
-    run that is rare enough, and the component then fails fast with a clear log line.
-    """
-    socks = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(count)]
-    try:
-        for sock in socks:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in socks]
-    finally:
-        for sock in socks:
-            sock.close()
+    """Ports free on 127.0.0.1 now, outside the ephemeral range (see :func:`free_ports`)."""
+    return free_ports(count)
 
 
 _libc = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None

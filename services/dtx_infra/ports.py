@@ -6,6 +6,7 @@ start; checking first turns that into an immediate, named error.
 
 from __future__ import annotations
 
+import random
 import socket
 import time
 
@@ -52,3 +53,24 @@ def wait_port_free(port: int, timeout_s: float, host: str = HOST) -> bool:
         if time.monotonic() >= deadline:
             return False
         time.sleep(0.1)
+
+
+# Below Linux's ephemeral range (32768-60999): a port chosen here and bound a
+# moment later by a child process cannot meanwhile become some outgoing
+# connection's local port, as a kernel-chosen one (bind to port 0) can.
+PICKABLE_PORTS = range(20000, 32768)
+_rng = random.Random()
+
+
+def free_ports(count: int = 1, host: str = HOST) -> list[int]:
+    """``count`` distinct ports free on ``host`` now, outside the ephemeral range."""
+    chosen: list[int] = []
+    for _ in range(200 * count):
+        if len(chosen) == count:
+            return chosen
+        port = _rng.choice(PICKABLE_PORTS)
+        if port not in chosen and port_is_free(port, host):
+            chosen.append(port)
+    if len(chosen) == count:
+        return chosen
+    raise InfraError(f"no {count} free ports between 20000 and 32767 on {host}")

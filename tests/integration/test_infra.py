@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import tempfile
 import time
 from collections.abc import Iterator
@@ -23,21 +22,14 @@ from typer.testing import CliRunner
 
 from dtx_infra import SERVICE_DATABASES, LocalInfra
 from dtx_infra.cli import infra_app
-from dtx_infra.ports import port_is_free
+from dtx_infra.ports import free_ports, port_is_free
 from dtx_infra.procs import pid_alive
 
 pytestmark = pytest.mark.integration
 
 
 def _free_ports(count: int) -> list[int]:
-    socks = [socket.socket() for _ in range(count)]
-    try:
-        for sock in socks:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in socks]
-    finally:
-        for sock in socks:
-            sock.close()
+    return free_ports(count)
 
 
 @pytest.fixture(scope="module")

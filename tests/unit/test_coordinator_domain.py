@@ -103,6 +103,13 @@ def test_abort_reaches_every_branch_that_may_hold_a_prepared_transaction(
     assert owed == {r.branch for r in records if r.state is not BranchState.NO}
 
 
+def test_a_read_only_branch_votes_yes_and_owes_no_phase_two() -> None:
+    branches = [record(BranchState.PREPARED, name="a"), record(BranchState.READ_ONLY, name="b")]
+    assert decide(branches) == (Decision.COMMIT, "")
+    assert not owes_phase_two(branches[1], Decision.COMMIT)
+    assert not owes_phase_two(branches[1], Decision.ABORT)
+
+
 def test_commit_goes_to_prepared_branches_only() -> None:
     assert owes_phase_two(record(BranchState.PREPARED), Decision.COMMIT)
     assert not owes_phase_two(record(BranchState.COMMITTED), Decision.COMMIT)

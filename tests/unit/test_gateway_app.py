@@ -339,7 +339,8 @@ def bearer(role: str, sub: str, ttl: float = 300, secret: str = SECRET) -> dict[
     return {"Authorization": f"Bearer {mint_token(secret, role, sub, ttl)}"}
 
 
-ADMIN = bearer("admin", "ops-ada")
+# Minted at import, long before its tests run in a full session: give it a day.
+ADMIN = bearer("admin", "ops-ada", ttl=86_400)
 
 
 async def seed(world: World, balance: int = 10_000) -> tuple[str, str]:
