@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import asyncpg
-
 from dtx.v1 import coordinator_pb2_grpc
 from dtx_coordinator.config import CoordinatorSettings
 from dtx_coordinator.engine import PROTOCOL, Engine
@@ -14,19 +12,20 @@ from dtx_coordinator.storage import TransactionLog
 from dtx_runtime import ServiceContext, ServiceDefinition
 from dtx_runtime.coordination.records import lease_owner
 from dtx_runtime.coordination.recovery import run_recovery
+from dtx_runtime.database import create_pool
 from dtx_runtime.policy import PolicyHolder
 
 
 async def setup(ctx: ServiceContext[CoordinatorSettings]) -> None:
     settings = ctx.settings
     assert settings.database_url is not None
-    lazy = await asyncpg.create_pool(
+    lazy = await create_pool(
         settings.database_url,
         min_size=1,
         max_size=settings.lazy_pool_max,
+        connect_timeout_s=settings.db_connect_timeout_seconds,
         server_settings={"synchronous_commit": "off"},
     )
-    assert lazy is not None
     policy = PolicyHolder(settings.policy_file)
 
     def endpoint(name: str) -> str | None:

@@ -34,6 +34,11 @@ def route_of(scope: Scope) -> str:
     return path if isinstance(path, str) else UNMATCHED
 
 
+# A refused body up to this size is read to its end before the 413 goes out;
+# past it the connection is simply closed.
+DRAIN_LIMIT = 1 << 20
+
+
 def _too_large(limit: int) -> HTTPException:
     return HTTPException(413, f"request body: at most {limit} bytes")
 
@@ -52,6 +57,12 @@ class BodyLimitMiddleware:
             return
         length = _content_length(scope)
         if length is not None and length > self.limit:
+            if length <= DRAIN_LIMIT:
+                # Read (and drop) what the client is sending before answering: a
+                # server that answers and closes mid-upload makes the client see a
+                # reset instead of the 413.
+                while (await receive()).get("more_body", False):
+                    pass
             await _send_error(send, 413, "payload_too_large", _too_large(self.limit).detail)
             return
         received = 0

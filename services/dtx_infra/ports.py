@@ -60,17 +60,28 @@ def wait_port_free(port: int, timeout_s: float, host: str = HOST) -> bool:
 # connection's local port, as a kernel-chosen one (bind to port 0) can.
 PICKABLE_PORTS = range(20000, 32768)
 _rng = random.Random()
+# Ports handed out by this process: free when chosen but maybe not bound yet
+# (a child starts later), so never handed out twice.
+_handed_out: set[int] = set()
 
 
 def free_ports(count: int = 1, host: str = HOST) -> list[int]:
-    """``count`` distinct ports free on ``host`` now, outside the ephemeral range."""
+    """``count`` distinct ports free on ``host`` now, outside the ephemeral range.
+
+    No port is handed out twice by one process: two services chosen ports a
+    moment apart must not both get one that neither has bound yet.
+    """
+    if len(_handed_out) > len(PICKABLE_PORTS) // 2:
+        _handed_out.clear()  # a very long session: the oldest are long bound or gone
     chosen: list[int] = []
     for _ in range(200 * count):
         if len(chosen) == count:
+            _handed_out.update(chosen)
             return chosen
         port = _rng.choice(PICKABLE_PORTS)
-        if port not in chosen and port_is_free(port, host):
+        if port not in chosen and port not in _handed_out and port_is_free(port, host):
             chosen.append(port)
     if len(chosen) == count:
+        _handed_out.update(chosen)
         return chosen
     raise InfraError(f"no {count} free ports between 20000 and 32767 on {host}")

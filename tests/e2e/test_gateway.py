@@ -77,7 +77,8 @@ def auth(role: str, sub: str, ttl: float = 600, secret: str = SECRET) -> dict[st
     return {"Authorization": f"Bearer {mint_token(secret, role, sub, ttl)}"}
 
 
-ADMIN = auth("admin", "ops-ada")
+# Minted at import, long before its tests run in a full session: give it a day.
+ADMIN = auth("admin", "ops-ada", ttl=86_400)
 
 
 def error_of(response: httpx.Response, status: int) -> dict[str, str]:

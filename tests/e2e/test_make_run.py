@@ -66,6 +66,29 @@ def test_dtx_up_with_the_demo_serves_the_gateway_then_stops_cleanly() -> None:
         assert "rejected" in text.lower() or "cancelled" in text.lower()  # failures on purpose
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/docs", timeout=10) as response:
             assert response.status == 200
+        # The command line against the running gateway: a token, then the transactions.
+        dtx = [sys.executable, "-m", "dtx_cli"]
+        gateway = ["--gateway", f"http://127.0.0.1:{port}"]
+        token = subprocess.run(
+            [*dtx, "token", "--role", "admin"], env=env, capture_output=True, text=True, timeout=60
+        )
+        assert token.returncode == 0, token.stderr
+        assert token.stdout.count(".") == 2  # a JWT
+        listed = subprocess.run(
+            [*dtx, "txn", "list", *gateway], env=env, capture_output=True, text=True, timeout=60
+        )
+        assert listed.returncode == 0, listed.stderr
+        assert "2pc" in listed.stdout.lower() or "two" in listed.stdout.lower(), listed.stdout
+        refused = subprocess.run(
+            [*dtx, "txn", "retry", "no-such-gid", "--reason", "smoke", *gateway],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert refused.returncode != 0
+        assert "404" in refused.stderr + refused.stdout
+
         services = _children(proc.pid)
         assert len(services) >= 7
         proc.send_signal(signal.SIGINT)
