@@ -211,7 +211,10 @@ async def run_bench(
         log_dir,
         new_db,
         services=services,
+        # With Kafka, so every order pays for its events: the outbox relays run.
+        kafka_bootstrap=infra.kafka.bootstrap,  # type: ignore[attr-defined]
         env={
+            "DTX_KAFKA_TOPIC_PREFIX": f"bench-{uuid.uuid4().hex[:6]}.",
             "DTX_ALLOW_UNCOORDINATED": "true",
             "DTX_LOG_LEVEL": "WARNING",
             "DTX_DB_POOL_MAX": "20",
