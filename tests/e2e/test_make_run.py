@@ -54,12 +54,14 @@ def test_dtx_up_with_the_demo_serves_the_gateway_then_stops_cleanly() -> None:
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
+    services: list[int] = []
     try:
         deadline = time.monotonic() + 300
         while "gateway serving at" not in log.read_text(errors="replace"):
             assert proc.poll() is None, log.read_text(errors="replace")[-3000:]
             assert time.monotonic() < deadline, log.read_text(errors="replace")[-3000:]
             time.sleep(0.5)
+        services = _children(proc.pid)
         text = log.read_text(errors="replace")
         assert "demo finished: 40 orders placed, 0 errors" in text
         assert "confirmed" in text.lower()
@@ -89,7 +91,6 @@ def test_dtx_up_with_the_demo_serves_the_gateway_then_stops_cleanly() -> None:
         assert refused.returncode != 0
         assert "404" in refused.stderr + refused.stdout
 
-        services = _children(proc.pid)
         assert len(services) >= 7
         proc.send_signal(signal.SIGINT)
         assert proc.wait(90) == 0, log.read_text(errors="replace")[-3000:]
@@ -98,8 +99,17 @@ def test_dtx_up_with_the_demo_serves_the_gateway_then_stops_cleanly() -> None:
         assert "stopped" in log.read_text(errors="replace")
     finally:
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
+            proc.send_signal(signal.SIGINT)  # dtx up stops its services itself
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(10)
+        # Services run in sessions of their own: a parent killed hard leaves them.
+        for pid in services:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        if proc.returncode != 0:
             subprocess.run(
                 [sys.executable, "-m", "dtx_cli", "infra", "down"], env=env, timeout=60, check=False
             )
