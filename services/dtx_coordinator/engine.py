@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import TypeVar
 
 import grpc
@@ -37,9 +37,9 @@ from dtx_coordinator.domain import (
     validate_request,
 )
 from dtx_coordinator.storage import TransactionLog
-from dtx_runtime.channels import Channels
 from dtx_runtime.coordination import metrics
 from dtx_runtime.coordination.calls import REFUSALS, TRANSIENT, DeadlinePassed, call_with_retries
+from dtx_runtime.coordination.participants import Participants
 from dtx_runtime.coordination.records import Attempt
 from dtx_runtime.errors import InvalidArgument, ResourceExhausted, Unavailable
 from dtx_runtime.failpoints import failpoint
@@ -61,36 +61,27 @@ class Engine:
         log_: TransactionLog,
         policy: PolicyHolder,
         endpoints: Callable[[str], str | None],
+        known: Callable[[], Iterable[str]],
         *,
         owner: str,
     ) -> None:
         self.log = log_
+        self._known = known
         self.policy = policy
         self._endpoints = endpoints
+        self._participants = Participants(endpoints)
         self.owner = owner
-        self._channels = Channels()
-        self._stubs: dict[str, participant_pb2_grpc.ParticipantAsyncStub] = {}
         self.local: set[str] = set()  # gids this process is driving now
 
     async def close(self) -> None:
-        await self._channels.close()
+        await self._participants.close()
 
     def participants(self) -> list[str]:
-        names = {p.name for p in self.policy.current.participants}
-        return sorted(n for n in names | set(self._known_defaults()) if self._endpoints(n))
-
-    def _known_defaults(self) -> list[str]:
-        return ["orders", "payments", "inventory"]
+        """The participants a branch may name: known to the policy or the settings, reachable."""
+        return sorted(n for n in set(self._known()) if self._endpoints(n))
 
     def _stub(self, participant: str) -> participant_pb2_grpc.ParticipantAsyncStub:
-        endpoint = self._endpoints(participant)
-        if endpoint is None:
-            raise Unavailable(f"no endpoint for participant {participant!r}")
-        stub = self._stubs.get(endpoint)
-        if stub is None:
-            stub = participant_pb2_grpc.ParticipantStub(self._channels.get(endpoint))
-            self._stubs[endpoint] = stub
-        return stub
+        return self._participants.stub(participant)
 
     # -- inline -----------------------------------------------------------
 

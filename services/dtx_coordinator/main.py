@@ -31,13 +31,11 @@ async def setup(ctx: ServiceContext[CoordinatorSettings]) -> None:
     def endpoint(name: str) -> str | None:
         return policy.current.endpoint_of(name) or settings.participants.get(name)
 
+    def known() -> set[str]:
+        return {p.name for p in policy.current.participants} | set(settings.participants)
+
     replica_prefix, owner = lease_owner(settings.replica_id)
-    engine = Engine(
-        TransactionLog(ctx.db, lazy),
-        policy,
-        endpoint,
-        owner=owner,
-    )
+    engine = Engine(TransactionLog(ctx.db, lazy), policy, endpoint, known, owner=owner)
     coordinator_pb2_grpc.add_CoordinatorServicer_to_server(CoordinatorServicer(engine), ctx.server)
     ctx.side_port.add_json_route("/status", lambda: _status(policy))
     ctx.run_in_background(

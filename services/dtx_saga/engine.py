@@ -44,8 +44,8 @@ from collections.abc import Callable, Iterable, Sequence
 import grpc
 
 from dtx.v1 import participant_pb2, participant_pb2_grpc, transactions_pb2
-from dtx_runtime.channels import Channels
 from dtx_runtime.coordination.calls import REFUSALS, DeadlinePassed, OnError, call_with_retries
+from dtx_runtime.coordination.participants import Participants
 from dtx_runtime.coordination.records import Attempt
 from dtx_runtime.errors import InvalidArgument, ResourceExhausted, Unavailable
 from dtx_runtime.failpoints import failpoint
@@ -94,10 +94,9 @@ class Engine:
         self.log = log_
         self.policy = policy
         self._endpoints = endpoints
+        self._participants = Participants(endpoints)
         self._known = known
         self.owner = owner
-        self._channels = Channels()
-        self._stubs: dict[str, participant_pb2_grpc.ParticipantAsyncStub] = {}
         self.local: set[str] = set()  # gids this process is driving now
         self._starting = 0  # RunSaga calls between the in-flight check and the begin record
         self._inline: set[asyncio.Task[RoundEnd]] = set()
@@ -115,20 +114,13 @@ class Engine:
         try:
             await self.log.release_leases(self.owner)
         finally:
-            await self._channels.close()
+            await self._participants.close()
 
     def participants(self) -> list[str]:
         return sorted(n for n in set(self._known()) if self._endpoints(n))
 
     def _stub(self, participant: str) -> participant_pb2_grpc.ParticipantAsyncStub:
-        endpoint = self._endpoints(participant)
-        if endpoint is None:
-            raise Unavailable(f"no endpoint for participant {participant!r}")
-        stub = self._stubs.get(endpoint)
-        if stub is None:
-            stub = participant_pb2_grpc.ParticipantStub(self._channels.get(endpoint))
-            self._stubs[endpoint] = stub
-        return stub
+        return self._participants.stub(participant)
 
     @staticmethod
     def lease_ms(policy: TransactionPolicy) -> int:
