@@ -12,6 +12,13 @@ export UV_PYTHON_DOWNLOADS := never
 export UV_LINK_MODE := copy
 UV ?= $(shell command -v uv 2>/dev/null || echo $(HOME)/.local/bin/uv)
 PY := .venv/bin/python
+# Test files run in parallel workers (pytest-xdist), a whole file per worker so that
+# module fixtures (a control plane, a system of services) start once. The suite mostly
+# waits on servers, so more workers than the 2 cores still pays.
+TEST_WORKERS ?= 3
+PYTEST_PARALLEL := -n $(TEST_WORKERS) --dist loadfile
+# mypy's cache outside the repository: a fresh clone checks only what changed.
+export MYPY_CACHE_DIR ?= $(HOME)/.cache/dtx/mypy
 
 run: install
 	.venv/bin/dtx up --demo
@@ -44,14 +51,14 @@ unit: install
 	$(PY) -m pytest -m unit
 
 integration: install
-	$(PY) -m pytest -m integration
+	$(PY) -m pytest $(PYTEST_PARALLEL) -m integration
 
 e2e: install
-	$(PY) -m pytest -m e2e
+	$(PY) -m pytest $(PYTEST_PARALLEL) -m e2e
 
 # The README's test command.
 test: lint typecheck
-	$(PY) -m pytest
+	$(PY) -m pytest $(PYTEST_PARALLEL)
 
 infra-up: install
 	.venv/bin/dtx infra up

@@ -6,6 +6,7 @@ start; checking first turns that into an immediate, named error.
 
 from __future__ import annotations
 
+import os
 import random
 import socket
 import time
@@ -59,6 +60,32 @@ def wait_port_free(port: int, timeout_s: float, host: str = HOST) -> bool:
 # moment later by a child process cannot meanwhile become some outgoing
 # connection's local port, as a kernel-chosen one (bind to port 0) can.
 PICKABLE_PORTS = range(20000, 32768)
+PORT_RANGE_ENV = "DTX_PORT_RANGE"
+
+
+def pickable_ports(raw: str | None = None) -> range:
+    """The ports :func:`free_ports` picks from: ``$DTX_PORT_RANGE`` (``low-high``) or 20000-32767.
+
+    Separate processes cannot see each other's hand-outs, so processes that pick
+    ports at the same moment (parallel test workers, two ``dtx up``) are given
+    disjoint ranges; a range must lie within the default one.
+    """
+    raw = os.environ.get(PORT_RANGE_ENV) if raw is None else raw
+    if not raw:
+        return PICKABLE_PORTS
+    low, sep, high = raw.partition("-")
+    try:
+        chosen = range(int(low), int(high) + 1) if sep else range(0)
+    except ValueError:
+        chosen = range(0)
+    if len(chosen) < 16 or chosen.start < PICKABLE_PORTS.start or chosen.stop > PICKABLE_PORTS.stop:
+        raise InfraError(
+            f"{PORT_RANGE_ENV}={raw!r}: expected low-high, at least 16 ports within"
+            f" {PICKABLE_PORTS.start}-{PICKABLE_PORTS.stop - 1}"
+        )
+    return chosen
+
+
 _rng = random.Random()
 # Ports handed out by this process: free when chosen but maybe not bound yet
 # (a child starts later), so never handed out twice.
@@ -71,17 +98,20 @@ def free_ports(count: int = 1, host: str = HOST) -> list[int]:
     No port is handed out twice by one process: two services chosen ports a
     moment apart must not both get one that neither has bound yet.
     """
-    if len(_handed_out) > len(PICKABLE_PORTS) // 2:
+    pickable = pickable_ports()
+    if len(_handed_out) > len(pickable) // 2:
         _handed_out.clear()  # a very long session: the oldest are long bound or gone
     chosen: list[int] = []
     for _ in range(200 * count):
         if len(chosen) == count:
             _handed_out.update(chosen)
             return chosen
-        port = _rng.choice(PICKABLE_PORTS)
+        port = _rng.choice(pickable)
         if port not in chosen and port not in _handed_out and port_is_free(port, host):
             chosen.append(port)
     if len(chosen) == count:
         _handed_out.update(chosen)
         return chosen
-    raise InfraError(f"no {count} free ports between 20000 and 32767 on {host}")
+    raise InfraError(
+        f"no {count} free ports between {pickable.start} and {pickable.stop - 1} on {host}"
+    )

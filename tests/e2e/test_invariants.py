@@ -1,25 +1,40 @@
 """Jepsen-style: concurrent 2PC and saga orders while processes are SIGKILLed; nothing is lost or made up.
 
-A nemesis kills a random service (coordinator, participants, orders) every
-few seconds and restarts it; clients keep placing orders and tolerate the
-errors. Once the nemesis stops and recovery has run, money and stock must be
-conserved, no balance or stock negative, every order terminal, and no
-prepared transaction left anywhere.
+The stack runs as in production: with Kafka (the session's broker, topics of
+this test's own) and the notifications service. A nemesis kills a random
+service (coordinator, saga, participants, notifications) every few seconds
+and restarts it; clients keep placing orders and tolerate the errors. Once
+the nemesis stops and recovery has run, money and stock must be conserved, no
+balance or stock negative, every order terminal, and no prepared transaction
+left anywhere. And the events too survive the kills: every outbox drained onto
+its topic, exactly one notification per terminal order (saying its status),
+none for anything else.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import random
+import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
 
 from dtx.v1 import common_pb2, orders_pb2
+from tests.support.events import (
+    ALL_TOPICS,
+    OUTBOX_SERVICES,
+    delete_topics,
+    lost_events,
+    notification_problems,
+    unsent,
+)
 from tests.support.stack import Stack
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(420)]
@@ -36,22 +51,39 @@ STATUS_NAMES = {"PENDING", "CONFIRMED", "REJECTED", "FAILED", "CANCELLED"}
 
 
 @pytest.fixture
-async def stack(run_dir: Path, new_database: Callable[[str], str]) -> AsyncIterator[Stack]:
-    system = (
-        Stack(
-            run_dir,
-            new_database,
-            with_saga=True,
-            policy={"recovery": {"intervalMs": 300}, "timeouts": {"transactionMs": 4000}},
-        )
-        .build()
-        .start()
-    )
+def bootstrap(infra: Any) -> str:
+    return str(infra.kafka.bootstrap)
+
+
+@pytest.fixture
+def prefix() -> str:
+    """This test's topics on the shared broker (``DTX_KAFKA_TOPIC_PREFIX``)."""
+    return f"t{uuid.uuid4().hex[:10]}."
+
+
+@pytest.fixture
+async def stack(
+    run_dir: Path, new_database: Callable[[str], str], bootstrap: str, prefix: str
+) -> AsyncIterator[Stack]:
+    system = Stack(
+        run_dir,
+        new_database,
+        with_saga=True,
+        policy={"recovery": {"intervalMs": 300}, "timeouts": {"transactionMs": 4000}},
+        kafka_bootstrap=bootstrap,
+        extra_services=("notifications",),
+        env={
+            "DTX_KAFKA_TOPIC_PREFIX": prefix,
+            "DTX_NOTIFICATIONS_GROUP_ID": f"{prefix}notifications",
+        },
+    ).build()
     try:
+        system.start()
         yield system
     finally:
         await system.close_channels()
         system.stop()
+        await delete_topics(bootstrap, [prefix + t for t in ALL_TOPICS])
 
 
 async def check_invariants(stack: Stack, accounts: list[str]) -> Counter[str]:
@@ -90,7 +122,26 @@ async def check_invariants(stack: Stack, accounts: list[str]) -> Counter[str]:
     return statuses
 
 
-async def test_money_and_stock_are_conserved_while_processes_die(stack: Stack) -> None:
+async def check_events(stack: Stack, bootstrap: str, prefix: str) -> None:
+    """Every outbox drained, every event on its topic, one notification per terminal order."""
+
+    async def delivered() -> bool:
+        return not any((await unsent(stack)).values()) and not await notification_problems(stack)
+
+    # On a timeout, the assertions below say what is missing.
+    with contextlib.suppress(AssertionError):
+        await stack.wait_until(delivered, timeout=90, what="every event published and notified")
+    assert await unsent(stack) == dict.fromkeys(OUTBOX_SERVICES, 0), "outbox rows left unsent"
+    problems = await notification_problems(stack)
+    assert problems == [], f"{len(problems)} notification problem(s): {problems[:10]}"
+    lost, again = await lost_events(stack, bootstrap, prefix)
+    assert lost == [], f"{len(lost)} event(s) marked sent but not on Kafka: {lost[:10]}"
+    print(f"events published more than once (at least once): {again}")
+
+
+async def test_money_and_stock_are_conserved_while_processes_die(
+    stack: Stack, bootstrap: str, prefix: str
+) -> None:
     accounts = await stack.seed(ACCOUNTS, BALANCE, PRODUCTS)
     rng = random.Random(20261121)
     stop = asyncio.Event()
@@ -120,7 +171,8 @@ async def test_money_and_stock_are_conserved_while_processes_die(stack: Stack) -
 
     async def nemesis() -> None:
         # Every service dies twice, in a random order.
-        victims = rng.sample(["coordinator", "saga", "payments", "inventory", "orders"], 5) * 2
+        services = ["coordinator", "saga", "payments", "inventory", "orders", "notifications"]
+        victims = rng.sample(services, len(services)) * 2
         for victim in victims:
             await asyncio.sleep(rng.uniform(1.5, 3.0))
             kills.append(victim)
@@ -131,7 +183,7 @@ async def test_money_and_stock_are_conserved_while_processes_die(stack: Stack) -
         stop.set()
 
     await asyncio.gather(nemesis(), *(client(i) for i in range(4)))
-    assert len(kills) == 10
+    assert len(kills) == 12
 
     async def settled() -> bool:
         pending = await stack.fetch(
@@ -155,5 +207,6 @@ async def test_money_and_stock_are_conserved_while_processes_die(stack: Stack) -
     assert unfinished == [], f"sagas not finished: {unfinished}"
     protocols = await stack.fetch("orders", "SELECT protocol, count(*) AS n FROM orders GROUP BY 1")
     assert {r["protocol"] for r in protocols} == {"2pc", "saga"}
+    await check_events(stack, bootstrap, prefix)
     print(f"orders {dict(statuses)}, client errors {client_errors}, kills {kills}")
     assert statuses["CONFIRMED"] > 0

@@ -1,7 +1,7 @@
 """Readiness follows the database: 503 while PostgreSQL is down, 200 again once it is back.
 
-This stops the session's shared PostgreSQL, so it lives alone in this module and always
-starts the server again (``finally``), whatever happened in between.
+The outage is real — the server is stopped — so the test brings a PostgreSQL of its own:
+stopping the session's shared one would fail whatever else runs at the same time.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -19,6 +19,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from dtx.v1 import payments_pb2, payments_pb2_grpc
+from dtx_infra.postgres import PostgresServer
+from tests.support.private_servers import private_postgres
 from tests.support.processes import ServiceProcess
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
@@ -58,13 +60,17 @@ def _wait_for(condition: Callable[[], bool], what: str, timeout: float = PHASE_T
         time.sleep(0.2)
 
 
-def test_readyz_follows_postgres_down_and_up(
-    infra: object, new_database: Callable[[str], str], run_dir: Path
-) -> None:
-    postgres = infra.postgres  # type: ignore[attr-defined]
+@pytest.fixture
+def postgres() -> Iterator[PostgresServer]:
+    with private_postgres() as server:
+        server.create_database("sleepy")
+        yield server
+
+
+def test_readyz_follows_postgres_down_and_up(postgres: PostgresServer, run_dir: Path) -> None:
     proc = ServiceProcess(
         "sleepy",
-        {"DTX_DATABASE_URL": new_database("sleepy")},
+        {"DTX_DATABASE_URL": postgres.dsn("sleepy")},
         run_dir,
         argv=[sys.executable, str(RUN_SERVICE), "tests.support.sleepy_service"],
     )

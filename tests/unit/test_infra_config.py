@@ -27,7 +27,13 @@ from dtx_infra.pg_config import (
     render_pg_conf,
     socket_dir_setting,
 )
-from dtx_infra.ports import ensure_port_free, port_is_free
+from dtx_infra.ports import (
+    PICKABLE_PORTS,
+    ensure_port_free,
+    free_ports,
+    pickable_ports,
+    port_is_free,
+)
 from dtx_infra.procs import run, tail_file
 from dtx_infra.settings import InfraSettings, parse_port
 
@@ -182,6 +188,21 @@ def test_taken_port_is_reported_with_its_number_and_variable() -> None:
     assert str(info.value) == f"port {port} is taken by another process; set DTX_PG_PORT"
     assert port_is_free(port)
     ensure_port_free(port, "DTX_PG_PORT")
+
+
+def test_port_range_narrows_what_free_ports_hands_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert pickable_ports("") == PICKABLE_PORTS
+    monkeypatch.setenv("DTX_PORT_RANGE", "24000-24099")
+    assert pickable_ports() == range(24000, 24100)
+    ports = free_ports(20)
+    assert len(set(ports)) == 20
+    assert all(24000 <= p <= 24099 for p in ports)
+
+
+@pytest.mark.parametrize("raw", ["24000", "a-b", "24000-24001", "100-200", "30000-40000"])
+def test_bad_port_range_names_the_variable(raw: str) -> None:
+    with pytest.raises(InfraError, match="DTX_PORT_RANGE"):
+        pickable_ports(raw)
 
 
 @pytest.mark.parametrize("raw", ["abc", "0", "65536", "-1", "12.5", ""])

@@ -15,8 +15,9 @@ from dtx_runtime.outbox import InvalidEvent, build_event
 
 pytestmark = pytest.mark.unit
 
-ORDER = str(uuid.uuid4())
-ACCOUNT = str(uuid.uuid4())
+# Fixed, not random: they are part of test ids, which parallel workers must agree on.
+ORDER = "6f1c2d1e-8a4b-4f0e-9c3a-2b7d5e8f9a10"
+ACCOUNT = "0b9e7c4d-3f2a-4c1b-8e6d-5a4f3b2c1d0e"
 
 
 def order_event(event_type: str, reason: str = "", **payload: Any) -> events_pb2.Event:

@@ -50,6 +50,18 @@ def event(event_type: str = "order.confirmed", **changes: Any) -> events_pb2.Eve
         (event(schema_version=2).SerializeToString(), "unsupported-schema-version"),
         (event(schema_version=0).SerializeToString(), "unsupported-schema-version"),
     ],
+    # Stable ids: the values hold random event ids, and parallel workers must agree on ids.
+    ids=[
+        "none",
+        "empty",
+        "not-protobuf",
+        "bad-id",
+        "no-type",
+        "unknown-type",
+        "not-an-order-event",
+        "schema-2",
+        "schema-0",
+    ],
 )
 def test_bad_records_are_classified_for_the_dead_letter_topic(
     value: bytes | None, reason: str
