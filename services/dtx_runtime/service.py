@@ -22,6 +22,7 @@ from typing import Any, Generic, TypeVar
 
 import asyncpg
 import grpc
+import uvloop
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
@@ -215,7 +216,10 @@ async def _mirror_health(state: Health, servicer: HealthServicer, services: Sequ
 def run_service(definition: ServiceDefinition[Any]) -> int:
     """Entry point: run until stopped; a configuration or start-up problem is one line on stderr."""
     try:
-        asyncio.run(serve(definition))
+        # uvloop: libuv's event loop, in C. Each hop of a transaction is a few
+        # socket reads and writes plus asyncpg's protocol; the loop's lower
+        # cost per event shows directly in every order's latency (README: bench).
+        uvloop.run(serve(definition))
     except DtxError as exc:
         print(f"dtx {definition.name}: {exc}", file=sys.stderr)
         return 2
