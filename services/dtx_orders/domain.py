@@ -43,8 +43,10 @@ class Status(enum.StrEnum):
 
 TRANSITIONS: Mapping[Status, frozenset[Status]] = {
     Status.PENDING: frozenset({Status.CONFIRMED, Status.REJECTED, Status.FAILED, Status.CANCELLED}),
-    # Only a saga's compensation takes a confirmed order back.
-    Status.CONFIRMED: frozenset({Status.CANCELLED}),
+    # Final: a customer told "confirmed" never sees the order cancelled. In a
+    # saga, confirm_order is the pivot: the orchestrator never compensates it by
+    # itself, and the orders participant refuses to (see dtx_orders.participant).
+    Status.CONFIRMED: frozenset(),
     Status.REJECTED: frozenset(),
     Status.FAILED: frozenset(),
     Status.CANCELLED: frozenset(),

@@ -2,10 +2,14 @@
 
 In a two-phase commit this runs in the orders branch's prepared transaction,
 so the order is confirmed exactly when the payment and the reservation
-commit. In a saga it is the last step; its compensation cancels the order.
-Both write their event (``order.confirmed``, ``order.cancelled``) in the same
-transaction (see :mod:`dtx_orders.storage`); the barrier wakes the outbox
-relay after it commits.
+commit. In a saga it is the last step, the saga's pivot: a confirmed order is
+final, so the orchestrator never compensates it by itself (an unknown outcome
+is executed again, which the barrier answers with its first answer) and this
+participant refuses the compensation when one comes anyway (a person's
+AbortSaga): the saga is then parked, with the order still confirmed, its
+payment and reservation kept. ``order.confirmed`` is written in the same
+transaction as the change (see :mod:`dtx_orders.storage`); the barrier wakes
+the outbox relay after it commits.
 """
 
 from __future__ import annotations
@@ -52,6 +56,19 @@ class ConfirmOrderManager:
         branch: str,
         operation: participant_pb2.BranchOperation,
     ) -> None:
+        """Refuse: this action confirmed the order, and a confirmed order is final."""
         order_id = domain.parse_confirm(operation)
-        if not await storage.cancel_confirmed(conn, order_id, f"compensated by saga {gid}"):
-            log.warning("order %s was not CONFIRMED when %s compensated it", order_id, gid)
+        found = await storage.status_of(conn, order_id)
+        if found is not None and found[0] is domain.Status.CONFIRMED:
+            raise Refusal(
+                f"order {order_id} is CONFIRMED, and a confirmed order is final:"
+                f" saga {gid} cannot cancel it"
+            )
+        # Not reachable through the state machine (CONFIRMED has no way out):
+        # nothing this action did is left to undo.
+        log.warning(
+            "order %s is %s, not CONFIRMED, when %s compensated its confirmation",
+            order_id,
+            "unknown" if found is None else found[0].value,
+            gid,
+        )

@@ -171,20 +171,6 @@ async def status_of(conn: Conn, order_id: uuid.UUID) -> tuple[Status, str] | Non
     return None if row is None else (Status(row["status"]), row["gid"])
 
 
-async def cancel_confirmed(conn: Conn, order_id: uuid.UUID, reason: str) -> bool:
-    """CONFIRMED → CANCELLED (a saga's compensation), in the caller's transaction."""
-    row = await conn.fetchrow(
-        "UPDATE orders SET status = 'CANCELLED', reason = $2, updated_at = now()"
-        f" WHERE id = $1 AND status = 'CONFIRMED' RETURNING {_COLUMNS}",
-        order_id,
-        reason,
-    )
-    if row is None:
-        return False
-    await write_order_event(conn, "order.cancelled", row)
-    return True
-
-
 async def pending_older_than(
     conn: Conn,
     age_s: float,

@@ -3,7 +3,8 @@
 It owns the saga log (its own database) and drives every saga to its end:
 steps run forward in order, each ``Execute`` logged as it answers; when a step
 refuses, keeps failing or the deadline passes, the steps that ran (or may
-have) are compensated in reverse. Work that cannot finish is parked as
+have) are compensated in reverse — up to the last step, the pivot: once the
+steps before it are done the saga only goes forward (see ``engine``). Work that cannot finish is parked as
 NEEDS_INTERVENTION for a person, never retried in a silent loop. Replicas
 share the log and claim unfinished sagas with leases, as the coordinator's
 replicas do, so no leader is needed and a restarted process resumes every

@@ -21,6 +21,28 @@ A refused step is excluded from compensation on purpose: the protocol
 promises that a refusal changed nothing, the barrier has recorded the "no"
 (a late duplicate Execute gets the same answer), and leaving it out means a
 refusing participant that is down a moment later cannot park the saga.
+
+The pivot. A saga's steps are compensatable steps followed by one *pivot*:
+its **last step**, the point of no return (for an order, ``confirm_order``:
+a customer told "confirmed" must never see the order cancelled). Once every
+step before the pivot is done (:func:`at_pivot`), the saga only goes forward:
+
+* an unknown outcome of the pivot (the call failed or timed out, the driver
+  died after sending it) is answered by executing it again — each round the
+  step's retries, rounds up to ``recovery.maxAttempts`` — whether or not the
+  saga's deadline has passed, since the barrier answers a repeated Execute
+  with its first answer; when the rounds run out the saga is parked as
+  NEEDS_INTERVENTION *heading forward*, whatever ``recovery.onExhausted``
+  says (:func:`forward_verdict`);
+* a definitive refusal of the pivot (succeeded=false, or a malformed-request
+  code) still turns the saga back: the earlier steps are compensated, the
+  pivot itself is not (it said no, so it changed nothing).
+
+Before the pivot, the deadline passing or the rounds running out with
+``onExhausted=Abort`` turn the saga back as usual. Only a person's AbortSaga
+can turn back a saga at its pivot; the pivot is then owed a Compensate like
+any step whose outcome is unknown, and a participant whose effect is final
+refuses it (FAILED_PRECONDITION), which parks the saga at once.
 """
 
 from __future__ import annotations
@@ -186,15 +208,37 @@ def next_forward(steps: Sequence[StepRecord]) -> int | None:
     return None
 
 
+def at_pivot(steps: Sequence[StepRecord]) -> bool:
+    """Whether the saga's cursor is at its pivot (the last step): every step before it is done.
+
+    From here the saga only goes forward (see the module docstring). A saga
+    of one step is at its pivot from the start.
+    """
+    return next_forward(steps) == len(steps) - 1
+
+
 def forward_verdict(
-    attempts: int, max_attempts: int, on_exhausted: OnExhausted, *, deadline_passed: bool
+    attempts: int,
+    max_attempts: int,
+    on_exhausted: OnExhausted,
+    *,
+    deadline_passed: bool,
+    pivot: bool,
 ) -> Verdict:
     """After a forward round ended on a step whose outcome is unknown.
 
-    The saga's deadline always turns it back. Otherwise it is retried until
-    ``recovery.maxAttempts`` rounds failed, and then ``recovery.onExhausted``
-    says whether to compensate (Abort) or leave it to a person (Park).
+    Before the pivot, the saga's deadline always turns it back. Otherwise it
+    is retried until ``recovery.maxAttempts`` rounds failed, and then
+    ``recovery.onExhausted`` says whether to compensate (Abort) or leave it
+    to a person (Park).
+
+    At the pivot (``pivot``: the step is the last one and every step before
+    it is done) the saga never turns back by itself: neither the deadline nor
+    ``onExhausted=Abort`` count; it is retried for ``recovery.maxAttempts``
+    rounds and then parked, still heading forward.
     """
+    if pivot:
+        return Verdict.RETRY if attempts < max_attempts else Verdict.PARK
     if deadline_passed:
         return Verdict.COMPENSATE
     if attempts < max_attempts:
@@ -218,6 +262,11 @@ def begin_compensation(saga: Saga, reason: str) -> None:
     came while the call was in flight — so a pending one there is counted as
     *failed* (compensated; the barrier makes that a no-op if it never ran).
     Steps after it were never sent: skipped.
+
+    The engine never calls this for an unknown outcome at the pivot (see
+    :func:`forward_verdict`); at the pivot it turns back only on the pivot's
+    refusal (the pivot then stays *refused*, owed nothing) or on a person's
+    AbortSaga.
     """
     cursor = next_forward(saga.steps)
     if cursor is not None:

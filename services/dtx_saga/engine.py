@@ -11,7 +11,8 @@ compensates every step that owes it, in reverse order.
 How a saga turns back, and when it is parked instead (``recovery.*``):
 
 * a step **refuses** (succeeded=false, or INVALID_ARGUMENT): compensate now;
-* the saga's **deadline** passes while it still runs forward: compensate;
+* the saga's **deadline** passes while it still runs forward, before its
+  pivot: compensate;
 * a step's call keeps **failing** (its retries ran out; the outcome is
   unknown): the round ends and another one follows after a backoff (inline
   while RunSaga's deadline allows, then by the recovery loop). After
@@ -23,6 +24,20 @@ How a saga turns back, and when it is parked instead (``recovery.*``):
   ``recovery.maxAttempts`` rounds and then parked as NEEDS_INTERVENTION
   (heading backward); one the participant refuses outright is parked at once.
   It is never given up silently and never looped on forever.
+
+**The pivot.** A saga's last step is its pivot, its point of no return (see
+``domain``). Once every step before it is done the saga only goes forward:
+the pivot's Execute is not bounded by the saga's deadline (each attempt gets
+the step timeout, so an inline RunSaga may answer up to one step call with
+its retries after the deadline), an unknown outcome of it is retried round
+after round — inline while RunSaga's deadline allows, then by recovery,
+deadline passed or not — and when ``recovery.maxAttempts`` rounds failed the
+saga is parked heading forward, whatever ``recovery.onExhausted`` says. This
+holds for a recovering orchestrator too: a saga whose cursor is at the pivot
+is executed again, never compensated, because the barrier answers the
+repeated Execute with its first answer. Only the pivot's own refusal turns
+the saga back from there (the earlier steps are compensated, the pivot is
+not), or a person's AbortSaga.
 
 Every write of a driver is fenced by its lease (see ``storage``): when an
 intervention or another replica takes a saga over, the driver's next write
@@ -57,6 +72,7 @@ from dtx_saga.domain import (
     StepRecord,
     StepState,
     Verdict,
+    at_pivot,
     backward_verdict,
     begin_compensation,
     compensation_plan,
@@ -252,12 +268,15 @@ class Engine:
         """Run steps forward; None when the saga turned back (the caller compensates)."""
         while (index := next_forward(saga.steps)) is not None:
             step = saga.steps[index]
-            if time.monotonic() >= deadline:
+            # At the pivot the saga only goes forward: the deadline neither turns
+            # it back nor bounds the call (see the module docstring).
+            pivot = at_pivot(saga.steps)
+            if not pivot and time.monotonic() >= deadline:
                 return await self._turn_back(
                     saga, policy, f"{step.step}: the saga's deadline passed", "deadline"
                 )
             await failpoint("saga.before_step")
-            result = await self._execute(saga.gid, step, policy, deadline)
+            result = await self._execute(saga.gid, step, policy, None if pivot else deadline)
             if result is StepState.DONE:
                 if not await self.log.save(saga, owner=self.owner, lease_ms=self.lease_ms(policy)):
                     return RoundEnd.LOST, 0
@@ -272,14 +291,16 @@ class Engine:
                 policy.recovery.max_attempts,
                 policy.recovery.on_exhausted,
                 deadline_passed=late,
+                pivot=pivot,
             )
             if verdict is Verdict.COMPENSATE:
                 cause = "deadline" if late else "exhausted"
                 return await self._turn_back(saga, policy, f"{step.step}: {step.reason}", cause)
             if verdict is Verdict.PARK:
-                return await self._park(
-                    saga, f"{step.step}: {step.reason} (after {saga.attempts} rounds)"
-                )
+                rounds = f"after {saga.attempts} rounds"
+                if pivot:
+                    rounds += "; the pivot: the saga only goes forward"
+                return await self._park(saga, f"{step.step}: {step.reason} ({rounds})")
             return RoundEnd.RETRY, policy.retries.backoff_ms(saga.attempts)
         saga.state = State.COMPLETED
         # Durable: a caller is about to be told; a lost COMPLETED could be compensated later.
@@ -337,9 +358,12 @@ class Engine:
     # -- participant calls -------------------------------------------------
 
     async def _execute(
-        self, gid: str, step: StepRecord, policy: TransactionPolicy, deadline: float
+        self, gid: str, step: StepRecord, policy: TransactionPolicy, deadline: float | None
     ) -> StepState:
-        """Execute one step; sets and returns its state (done, refused or failed)."""
+        """Execute one step; sets and returns its state (done, refused or failed).
+
+        ``deadline`` bounds the attempts; None (the pivot) gives each the full step timeout.
+        """
         request = participant_pb2.ExecuteRequest(
             gid=gid,
             branch=step.step,

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import asyncpg
 import pytest
+from asyncpg.pool import PoolConnectionProxy
 
 import dtx_inventory.main
 import dtx_orders.main
@@ -35,8 +36,13 @@ from dtx_payments.domain import NewAccount
 from dtx_payments.participant import ChargeManager
 from dtx_payments.storage import create_account
 from dtx_runtime.database import create_pool, migrate
-from dtx_runtime.participant import Barrier, InvalidOperation, ResourceManager, Vote
-from dtx_runtime.participant.barrier import ABORTED_FIRST, COMPENSATED_FIRST, BranchUnknown
+from dtx_runtime.participant import Barrier, InvalidOperation, Refusal, ResourceManager, Vote
+from dtx_runtime.participant.barrier import (
+    ABORTED_FIRST,
+    COMPENSATED_FIRST,
+    BranchUnknown,
+    CompensationRefused,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -277,6 +283,40 @@ async def test_compensate_before_execute_refuses_the_action(payments_db: asyncpg
     assert (answer.vote, answer.reason) == (Vote.ABORT, COMPENSATED_FIRST)
     assert await balance(payments_db, account) == 1000
     assert await ledger_kinds(payments_db, account) == [("open", 1000)]
+    await assert_money_conserved(payments_db)
+
+
+class FinalCharge(ChargeManager):
+    """A charge whose undo refunds, then refuses: the barrier must keep neither."""
+
+    async def undo(
+        self,
+        conn: PoolConnectionProxy,
+        gid: str,
+        branch: str,
+        operation: participant_pb2.BranchOperation,
+    ) -> None:
+        await super().undo(conn, gid, branch, operation)
+        raise Refusal("the charge is final")
+
+
+async def test_a_refused_compensation_changes_and_records_nothing(
+    payments_db: asyncpg.Pool,
+) -> None:
+    account = await open_account(payments_db, 1000)
+    b, g = barrier(payments_db, FinalCharge()), gid()
+    assert (await b.execute(g, "payment", charge(account, 300))).yes
+    for _ in range(2):  # a repeated Compensate asks again and is refused again
+        with pytest.raises(CompensationRefused) as refused:
+            await b.compensate(g, "payment")
+        assert str(refused.value) == f"branch dtx:{g}:payment cannot be compensated:" + (
+            " the charge is final"
+        )
+    # The refund undo made before refusing was rolled back with the compensate row.
+    assert await balance(payments_db, account) == 700
+    assert await ledger_kinds(payments_db, account) == [("open", 1000), ("charge", -300)]
+    rows = await payments_db.fetch("SELECT op, outcome FROM dtx_barrier WHERE gid = $1", g)
+    assert [(r["op"], r["outcome"]) for r in rows] == [("action", "done")]
     await assert_money_conserved(payments_db)
 
 
@@ -542,24 +582,43 @@ async def test_confirm_abort_leaves_the_order_pending(orders_db: asyncpg.Pool) -
     assert (settled["status"], settled["reason"]) == ("FAILED", "coordinator gave up")
 
 
-async def test_saga_confirm_and_compensate(orders_db: asyncpg.Pool) -> None:
+async def outbox_types(pool: asyncpg.Pool, order_id: uuid.UUID) -> list[str]:
+    rows = await pool.fetch(
+        "SELECT type FROM dtx_outbox WHERE key = $1 ORDER BY seq", str(order_id)
+    )
+    return [r["type"] for r in rows]
+
+
+async def test_saga_confirm_is_final_its_compensation_is_refused(orders_db: asyncpg.Pool) -> None:
     order = await place_pending(orders_db, Protocol.SAGA)
     b = barrier(orders_db, ConfirmOrderManager())
     assert (await b.execute(order.gid, "order", confirm(order.id))).yes
     assert (await b.execute(order.gid, "order", confirm(order.id))).yes
     assert (await status(orders_db, order.id))[0] == "CONFIRMED"
-    await b.compensate(order.gid, "order")
-    await b.compensate(order.gid, "order")
-    assert await status(orders_db, order.id) == ("CANCELLED", f"compensated by saga {order.gid}")
+    for _ in range(2):  # refused every time: a confirmed order is final
+        with pytest.raises(CompensationRefused) as refused:
+            await b.compensate(order.gid, "order")
+        assert str(refused.value) == (
+            f"branch dtx:{order.gid}:order cannot be compensated: order {order.id} is CONFIRMED,"
+            f" and a confirmed order is final: saga {order.gid} cannot cancel it"
+        )
+    assert await status(orders_db, order.id) == ("CONFIRMED", "")
+    assert await outbox_types(orders_db, order.id) == ["order.placed", "order.confirmed"]
+    rows = await orders_db.fetch(
+        "SELECT op, outcome FROM dtx_barrier WHERE gid = $1 ORDER BY op", order.gid
+    )
+    assert [(r["op"], r["outcome"]) for r in rows] == [("action", "done")]
 
 
 async def test_confirm_compensated_before_execute(orders_db: asyncpg.Pool) -> None:
     order = await place_pending(orders_db, Protocol.SAGA)
     b = barrier(orders_db, ConfirmOrderManager())
+    await b.compensate(order.gid, "order")  # a recorded no-op: nothing ran, nothing to refuse
     await b.compensate(order.gid, "order")
     answer = await b.execute(order.gid, "order", confirm(order.id))
     assert (answer.vote, answer.reason) == (Vote.ABORT, COMPENSATED_FIRST)
     assert (await status(orders_db, order.id))[0] == "PENDING"
+    assert await outbox_types(orders_db, order.id) == ["order.placed"]
 
 
 async def test_idempotency_key_is_unique(orders_db: asyncpg.Pool) -> None:

@@ -6,6 +6,10 @@ runtime's barrier. Two payments processes with their own databases play two
 participants ("payments" and "bank"), so one can be down while the other
 answers. Slowness is real too: a test holds a row lock on an account, so the
 participant's charge waits on PostgreSQL.
+
+A saga's last step is its pivot: once every step before it is done, the saga
+only goes forward (see ``dtx_saga.domain``). Tests that need a saga to turn
+back on an unknown outcome therefore put a step after the one that fails.
 """
 
 from __future__ import annotations
@@ -364,8 +368,11 @@ async def test_a_malformed_operation_is_a_refusal(rig: Rig) -> None:
     b = await rig.account("bank", 1_000)
     bad = charge("pay-b", "bank", b, 0)  # amount must be positive: INVALID_ARGUMENT
     saga = await run(rig, "invalid-1", [charge("pay-a", "payments", a, 10), bad])
+    # A refusal of the pivot (the last step) still turns the saga back; the
+    # pivot said no, so only the steps before it are compensated.
     assert saga.state == T.TRANSACTION_STATE_COMPENSATED
     assert "pay-b: INVALID_ARGUMENT" in saga.reason
+    assert steps_of(saga) == {"pay-a": "compensated", "pay-b": "refused"}
     assert await rig.balance("payments", a) == 1_000
 
 
@@ -443,7 +450,12 @@ async def test_orchestrator_stopped_gracefully_hands_its_saga_back(rig: Rig) -> 
 async def test_orchestrator_killed_past_the_deadline_compensates_on_restart(rig: Rig) -> None:
     a = await rig.account("payments", 1_000)
     b = await rig.account("bank", 1_000)
-    steps = [charge("pay-a", "payments", a, 300), charge("pay-b", "bank", b, 200)]
+    # pay-b is not the pivot (pay-c is): past the deadline, the saga still turns back.
+    steps = [
+        charge("pay-a", "payments", a, 300),
+        charge("pay-b", "bank", b, 200),
+        charge("pay-c", "payments", a, 100),
+    ]
     orchestrator = rig.procs["saga"]
     async with row_locked(rig, "bank", b):
         running = asyncio.create_task(run(rig, "crash-2", steps, timeout_ms=2_000))
@@ -458,10 +470,73 @@ async def test_orchestrator_killed_past_the_deadline_compensates_on_restart(rig:
         )
     assert saga.state == T.TRANSACTION_STATE_COMPENSATED, saga
     assert saga.reason == "pay-b: the saga's deadline passed"
-    assert steps_of(saga) == {"pay-a": "compensated", "pay-b": "compensated"}
+    assert steps_of(saga) == {"pay-a": "compensated", "pay-b": "compensated", "pay-c": "skipped"}
     assert (await rig.balance("payments", a), await rig.balance("bank", b)) == (1_000, 1_000)
     # pay-b's outcome was unknown: it got a Compensate, which found nothing to undo.
     assert await rig.ledger("bank", "crash-2") == []
+
+
+async def test_orchestrator_killed_at_the_pivot_past_the_deadline_completes_on_restart(
+    rig: Rig,
+) -> None:
+    a = await rig.account("payments", 1_000)
+    b = await rig.account("bank", 1_000)
+    # pay-b is the pivot: once pay-a is done, the saga only goes forward.
+    steps = [charge("pay-a", "payments", a, 300), charge("pay-b", "bank", b, 200)]
+    orchestrator = rig.procs["saga"]
+    async with row_locked(rig, "bank", b):
+        running = asyncio.create_task(run(rig, "pivot-1", steps, timeout_ms=2_000))
+        await rig.wait_log("SELECT 1 FROM sagas WHERE steps->0->>'state' = 'done'")
+        await asyncio.sleep(0.3)  # pay-b's charge was sent: it waits on the row lock
+        orchestrator.kill()
+        with pytest.raises(grpc.aio.AioRpcError):
+            await running
+        await asyncio.sleep(2.0)  # the deadline passes while nobody drives the saga
+    [row] = await rig.fetch("saga", "SELECT state, deadline < now() AS late FROM sagas")
+    assert (row["state"], row["late"]) == ("RUNNING", True)
+    orchestrator.start()  # recovery finds the cursor at the pivot, past the deadline
+    saga = await rig.wait_for(
+        "pivot-1", {T.TRANSACTION_STATE_COMPLETED, T.TRANSACTION_STATE_COMPENSATED}
+    )
+    assert saga.state == T.TRANSACTION_STATE_COMPLETED, saga
+    assert steps_of(saga) == {"pay-a": "done", "pay-b": "done"}
+    assert (await rig.balance("payments", a), await rig.balance("bank", b)) == (700, 800)
+    assert await rig.ledger("payments", "pivot-1") == [("pay-a", "charge", -300)]
+    assert await rig.ledger("bank", "pivot-1") == [("pay-b", "charge", -200)]
+    assert "dtx_saga_compensations_total{" not in rig.metrics()
+
+
+async def test_a_pivot_slower_than_the_deadline_is_retried_until_it_answers(rig: Rig) -> None:
+    a = await rig.account("payments", 1_000)
+    b = await rig.account("bank", 1_000)
+    steps = [charge("pay-a", "payments", a, 300), charge("pay-b", "bank", b, 200)]
+    async with row_locked(rig, "bank", b):
+        running = asyncio.create_task(run(rig, "pivot-2", steps, timeout_ms=2_000))
+        await rig.wait_log("SELECT 1 FROM sagas WHERE steps->0->>'state' = 'done'")
+        # Every Execute of pay-b times out (step timeout 1 s) until well past the deadline.
+        await rig.wait_log(
+            "SELECT 1 FROM sagas WHERE deadline < now() - interval '1 second' AND attempts >= 1"
+        )
+        [row] = await rig.fetch("saga", "SELECT state, direction, steps FROM sagas")
+        assert (row["state"], row["direction"]) == ("RUNNING", "forward")
+        assert json.loads(row["steps"])[0]["state"] == "done"
+        # RunSaga answers once its deadline is over: still running, handed to recovery.
+        answered = await running
+        assert answered.state == T.TRANSACTION_STATE_RUNNING, answered
+    saga = await rig.wait_for(
+        "pivot-2", {T.TRANSACTION_STATE_COMPLETED, T.TRANSACTION_STATE_COMPENSATED}
+    )
+    assert saga.state == T.TRANSACTION_STATE_COMPLETED, saga
+    assert steps_of(saga) == {"pay-a": "done", "pay-b": "done"}
+    assert (await rig.balance("payments", a), await rig.balance("bank", b)) == (700, 800)
+    assert await rig.ledger("bank", "pivot-2") == [("pay-b", "charge", -200)]
+    timeouts = await rig.fetch(
+        "saga",
+        "SELECT count(*) AS n FROM saga_attempts WHERE step = 'pay-b' AND action = 'execute'"
+        " AND detail LIKE 'DEADLINE_EXCEEDED%'",
+    )
+    assert timeouts[0]["n"] >= 3  # at least one round of the step's retries timed out
+    assert "dtx_saga_compensations_total{" not in rig.metrics()
 
 
 async def test_orchestrator_killed_while_compensating_finishes_compensating(
@@ -531,7 +606,12 @@ async def test_participant_down_with_abort_compensates_then_parks_until_it_is_ba
         run_dir, new_database, {"recovery": {"onExhausted": "Abort", "maxAttempts": 2}}
     )
     try:
-        steps = [charge("pay-a", "payments", a, 300), charge("pay-b", "bank", b, 200)]
+        # pay-c is the pivot; pay-b, before it, may still turn the saga back.
+        steps = [
+            charge("pay-a", "payments", a, 300),
+            charge("pay-b", "bank", b, 200),
+            charge("pay-c", "payments", a, 100),
+        ]
         saga = await run(rig, "down-1", steps)
         # Forward: pay-b's retries ran out twice (2 rounds x 3 attempts) -> Abort: turn back.
         # Backward, in reverse order: pay-b's compensation cannot reach the bank either;
@@ -540,7 +620,7 @@ async def test_participant_down_with_abort_compensates_then_parks_until_it_is_ba
             saga = await rig.wait_for("down-1", {T.TRANSACTION_STATE_NEEDS_INTERVENTION})
         assert saga.outcome == T.OUTCOME_PENDING
         assert saga.reason.startswith("pay-b: compensate failed: UNAVAILABLE"), saga.reason
-        assert steps_of(saga) == {"pay-a": "done", "pay-b": "failed"}
+        assert steps_of(saga) == {"pay-a": "done", "pay-b": "failed", "pay-c": "skipped"}
         [row] = await rig.fetch("saga", "SELECT reason, direction FROM sagas")
         assert row["direction"] == "backward"
         assert row["reason"].startswith("pay-b: execute failed: UNAVAILABLE")
@@ -566,7 +646,11 @@ async def test_participant_down_with_abort_compensates_then_parks_until_it_is_ba
         assert retried.attempts == 0
         saga = await rig.wait_for("down-1", {T.TRANSACTION_STATE_COMPENSATED})
         assert saga.reason.startswith("pay-b: execute failed: UNAVAILABLE")
-        assert steps_of(saga) == {"pay-a": "compensated", "pay-b": "compensated"}
+        assert steps_of(saga) == {
+            "pay-a": "compensated",
+            "pay-b": "compensated",
+            "pay-c": "skipped",
+        }
         assert await rig.balance("payments", a) == 1_000
         assert await rig.balance("bank", b) == 1_000
         assert await interventions(rig, "down-1") == [
@@ -591,13 +675,16 @@ async def test_participant_down_with_abort_compensates_then_parks_until_it_is_ba
         rig.stop()
 
 
-async def test_participant_down_with_park_waits_forward_for_a_person(
-    run_dir: Path, new_database: Callable[[str], str]
+@pytest.mark.parametrize("on_exhausted", ["Park", "Abort"])
+async def test_participant_down_at_the_pivot_waits_forward_for_a_person(
+    run_dir: Path, new_database: Callable[[str], str], on_exhausted: str
 ) -> None:
     rig, a, b = await _rig_with_bank_down(
-        run_dir, new_database, {"recovery": {"onExhausted": "Park", "maxAttempts": 2}}
+        run_dir, new_database, {"recovery": {"onExhausted": on_exhausted, "maxAttempts": 2}}
     )
     try:
+        # pay-b is the pivot: when its rounds run out the saga is parked heading
+        # forward, even when the policy says Abort.
         saga = await run(
             rig, "down-2", [charge("pay-a", "payments", a, 300), charge("pay-b", "bank", b, 1)]
         )
@@ -605,10 +692,11 @@ async def test_participant_down_with_park_waits_forward_for_a_person(
             saga = await rig.wait_for("down-2", {T.TRANSACTION_STATE_NEEDS_INTERVENTION})
         assert steps_of(saga) == {"pay-a": "done", "pay-b": "failed"}
         assert "pay-b: execute failed: UNAVAILABLE" in saga.reason
-        assert "(after 2 rounds)" in saga.reason
+        assert "(after 2 rounds; the pivot: the saga only goes forward)" in saga.reason
         [row] = await rig.fetch("saga", "SELECT direction FROM sagas")
         assert row["direction"] == "forward"
         assert await rig.balance("payments", a) == 700  # still forward: nothing undone
+        assert "dtx_saga_compensations_total{" not in rig.metrics()
 
         # The bank comes back; a person sends the saga on (a fresh deadline with it).
         await _bank_back(rig)

@@ -31,6 +31,7 @@ from dtx.v1 import (
     saga_pb2_grpc,
     transactions_pb2,
 )
+from dtx_runtime.participant.barrier import COMPENSATED_FIRST
 from tests.support.processes import ServiceProcess, free_port
 
 pytestmark = pytest.mark.integration
@@ -527,6 +528,7 @@ class Stack:
     orders: orders_pb2_grpc.OrdersStub
     stand_in: StandIn
     orders_dsn: str
+    orders_participant: participant_pb2_grpc.ParticipantStub
 
 
 @pytest.fixture(scope="module")
@@ -583,6 +585,7 @@ def stack(infra: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stac
             orders_pb2_grpc.OrdersStub(channels[2]),
             stand_in,
             postgres.dsn(names["orders"]),
+            participant_pb2_grpc.ParticipantStub(channels[2]),
         )
     finally:
         for channel in channels:
@@ -683,6 +686,43 @@ def test_order_refused_moves_nothing(
     assert short.status == status
     assert short.reason == f"stock: out of stock: {pear} has 3 available, needs 4"
     assert levels(stack, account_id, apple, pear) == (1000, [(10, 0), (3, 0)])
+
+
+def test_a_confirmed_saga_order_refuses_its_compensation(
+    stack: Stack, shop: tuple[str, str, str]
+) -> None:
+    """confirm_order is the saga's pivot: its Compensate is FAILED_PRECONDITION, every time."""
+    account_id, apple, _ = shop
+    order = stack.orders.PlaceOrder(
+        order_request(account_id, [(apple, 1)], common_pb2.PROTOCOL_SAGA), timeout=30
+    )
+    assert order.status == orders_pb2.ORDER_STATUS_CONFIRMED, order.reason
+    for _ in range(2):
+        sync_expect(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            lambda: stack.orders_participant.Compensate(
+                participant_pb2.CompensateRequest(gid=order.gid, branch="order"), timeout=10
+            ),
+            f"order {order.id} is CONFIRMED, and a confirmed order is final",
+        )
+    again = stack.orders.GetOrder(orders_pb2.GetOrderRequest(order_id=order.id), timeout=10)
+    assert again.status == orders_pb2.ORDER_STATUS_CONFIRMED
+    # A compensation that overtakes its action is still a recorded no-op that refuses it.
+    late = uuid.uuid4().hex
+    stack.orders_participant.Compensate(
+        participant_pb2.CompensateRequest(gid=late, branch="order"), timeout=10
+    )
+    answer = stack.orders_participant.Execute(
+        participant_pb2.ExecuteRequest(
+            gid=late,
+            branch="order",
+            operation=participant_pb2.BranchOperation(
+                confirm_order=participant_pb2.ConfirmOrderOperation(order_id=order.id)
+            ),
+        ),
+        timeout=10,
+    )
+    assert (answer.succeeded, answer.reason) == (False, COMPENSATED_FIRST)
 
 
 def test_order_idempotency(stack: Stack, shop: tuple[str, str, str]) -> None:

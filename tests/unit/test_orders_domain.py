@@ -44,7 +44,6 @@ ALLOWED = {
     (Status.PENDING, Status.REJECTED),
     (Status.PENDING, Status.FAILED),
     (Status.PENDING, Status.CANCELLED),
-    (Status.CONFIRMED, Status.CANCELLED),
 }
 
 
@@ -58,6 +57,8 @@ def test_allowed_transitions(current: Status, target: Status) -> None:
     ("current", "target"),
     [
         (Status.CONFIRMED, Status.PENDING),
+        # A confirmed order is final: not even a saga's compensation cancels it.
+        (Status.CONFIRMED, Status.CANCELLED),
         (Status.CONFIRMED, Status.REJECTED),
         (Status.CONFIRMED, Status.FAILED),
         (Status.REJECTED, Status.CONFIRMED),
@@ -80,7 +81,20 @@ def test_every_pair_is_allowed_exactly_when_listed() -> None:
 
 
 def test_final_states() -> None:
-    assert {s for s in Status if s.final} == {Status.REJECTED, Status.FAILED, Status.CANCELLED}
+    assert {s for s in Status if s.final} == {
+        Status.CONFIRMED,
+        Status.REJECTED,
+        Status.FAILED,
+        Status.CANCELLED,
+    }
+    assert not Status.PENDING.final
+
+
+def test_a_confirmed_order_has_no_transition_at_all() -> None:
+    assert domain.TRANSITIONS[Status.CONFIRMED] == frozenset()
+    for target in Status:
+        with pytest.raises(FailedPrecondition, match="from CONFIRMED to"):
+            domain.check_transition(Status.CONFIRMED, target)
 
 
 @given(st.lists(st.sampled_from(list(Status)), max_size=30))
@@ -97,12 +111,12 @@ def test_any_sequence_of_transitions_stays_in_the_machine(targets: list[Status])
         assert (current, target) in ALLOWED
         current = target
         visited.append(current)
-    # A PENDING order moves at most twice (PENDING → CONFIRMED → CANCELLED), never back.
-    assert len(visited) <= 3
+    # A PENDING order moves at most once, to a final status, never back.
+    assert len(visited) <= 2
     assert visited.count(Status.PENDING) == 1
     assert current in Status
-    if len(visited) == 3:
-        assert visited == [Status.PENDING, Status.CONFIRMED, Status.CANCELLED]
+    if len(visited) == 2:
+        assert visited[1].final
 
 
 # -- validation -----------------------------------------------------------

@@ -24,6 +24,7 @@ from dtx_saga.domain import (
     StepState,
     Verdict,
     abort,
+    at_pivot,
     backward_verdict,
     begin_compensation,
     compensation_plan,
@@ -119,15 +120,83 @@ def test_forward_runs_the_first_step_not_done() -> None:
         (3, OnExhausted.ABORT, False, Verdict.COMPENSATE),
         (3, OnExhausted.PARK, False, Verdict.PARK),
         (9, OnExhausted.PARK, False, Verdict.PARK),
-        # The deadline turns a saga back whatever the policy says about exhaustion.
+        # Before the pivot, the deadline turns a saga back whatever the policy says.
         (1, OnExhausted.PARK, True, Verdict.COMPENSATE),
         (3, OnExhausted.PARK, True, Verdict.COMPENSATE),
     ],
 )
-def test_forward_verdict(
+def test_forward_verdict_before_the_pivot(
     attempts: int, on_exhausted: OnExhausted, late: bool, verdict: Verdict
 ) -> None:
-    assert forward_verdict(attempts, 3, on_exhausted, deadline_passed=late) is verdict
+    assert forward_verdict(attempts, 3, on_exhausted, deadline_passed=late, pivot=False) is verdict
+
+
+@pytest.mark.parametrize(
+    ("attempts", "on_exhausted", "late", "verdict"),
+    [
+        (1, OnExhausted.ABORT, False, Verdict.RETRY),
+        (2, OnExhausted.PARK, False, Verdict.RETRY),
+        # The deadline passed at the pivot: retried, never compensated.
+        (1, OnExhausted.ABORT, True, Verdict.RETRY),
+        (2, OnExhausted.PARK, True, Verdict.RETRY),
+        # Exhausted at the pivot: parked (heading forward) even when the policy says Abort.
+        (3, OnExhausted.ABORT, False, Verdict.PARK),
+        (3, OnExhausted.ABORT, True, Verdict.PARK),
+        (3, OnExhausted.PARK, True, Verdict.PARK),
+        (9, OnExhausted.ABORT, True, Verdict.PARK),
+    ],
+)
+def test_forward_verdict_at_the_pivot_never_compensates(
+    attempts: int, on_exhausted: OnExhausted, late: bool, verdict: Verdict
+) -> None:
+    assert forward_verdict(attempts, 3, on_exhausted, deadline_passed=late, pivot=True) is verdict
+
+
+@given(
+    st.integers(1, 1000),
+    st.integers(1, 1000),
+    st.sampled_from(list(OnExhausted)),
+    st.booleans(),
+)
+def test_no_verdict_at_the_pivot_turns_the_saga_back(
+    attempts: int, max_attempts: int, on_exhausted: OnExhausted, late: bool
+) -> None:
+    verdict = forward_verdict(
+        attempts, max_attempts, on_exhausted, deadline_passed=late, pivot=True
+    )
+    assert verdict is (Verdict.RETRY if attempts < max_attempts else Verdict.PARK)
+
+
+@pytest.mark.parametrize(
+    ("states", "expected"),
+    [
+        # The cursor at the last step with everything before it done: the pivot.
+        ((StepState.DONE, StepState.DONE, StepState.PENDING), True),
+        ((StepState.DONE, StepState.DONE, StepState.FAILED), True),
+        ((StepState.PENDING,), True),  # one step: the pivot from the start
+        ((StepState.FAILED,), True),
+        # Before it: a compensatable step still to run (or of unknown outcome).
+        ((StepState.DONE, StepState.PENDING, StepState.PENDING), False),
+        ((StepState.DONE, StepState.FAILED, StepState.PENDING), False),
+        ((StepState.PENDING, StepState.PENDING), False),
+        # Past it: all done (completed), or turned back.
+        ((StepState.DONE, StepState.DONE), False),
+        ((StepState.DONE, StepState.REFUSED, StepState.SKIPPED), False),
+        ((StepState.COMPENSATED, StepState.REFUSED), False),
+    ],
+)
+def test_at_pivot(states: tuple[StepState, ...], expected: bool) -> None:
+    assert at_pivot(saga_of(*states).steps) is expected
+
+
+def test_a_refusal_at_the_pivot_compensates_the_earlier_steps_only() -> None:
+    saga = saga_of(StepState.DONE, StepState.DONE, StepState.REFUSED)
+    saga.steps[2].reason = "order is REJECTED, not PENDING"
+    assert at_pivot(saga.steps)  # the cursor is at the refused pivot
+    begin_compensation(saga, "s2: order is REJECTED, not PENDING")
+    assert [s.state for s in saga.steps] == [StepState.DONE, StepState.DONE, StepState.REFUSED]
+    assert compensation_plan(saga.steps) == [1, 0]
+    assert saga.reason == "s2: order is REJECTED, not PENDING"
 
 
 # -- compensation -----------------------------------------------------------

@@ -24,6 +24,16 @@ Saga (forward action committed at once, compensation later):
 * ``compensate`` inserts ``(gid, branch, 'compensate')``; if it also manages to
   insert the action row (as ``compensated``) the action never ran: nothing to
   undo, and the late action is refused. Otherwise it undoes what was done.
+* An effect that must not be undone (a confirmed order is final) is refused
+  by the manager's ``undo`` raising :class:`Refusal`: the local transaction
+  rolls back, so nothing is recorded and the effect stays, and
+  :class:`CompensationRefused` tells the caller (FAILED_PRECONDITION on the
+  wire: the saga parks at once rather than retrying). A repeated Compensate
+  asks ``undo`` again and gets the same refusal.
+
+Failpoints: ``participant.after_prepare`` (prepared, before the vote is
+answered) and ``participant.after_execute`` (an Execute's answer is known and
+committed, before it goes back: a ``sleep`` there makes the answer late).
 """
 
 from __future__ import annotations
@@ -71,6 +81,10 @@ class BranchUnknown(Exception):
 
 class BranchBusy(Exception):
     """Another call on the same branch held it for longer than the lock timeout."""
+
+
+class CompensationRefused(Exception):
+    """The manager refused to undo a branch's effect (it is final); nothing changed."""
 
 
 _INSERT_PREPARE = """
@@ -195,6 +209,13 @@ class Barrier:
     ) -> Answer:
         prepared_name(gid, branch)  # validates both
         self._manager.validate(operation)
+        answer = await self._execute(gid, branch, operation)
+        await failpoint("participant.after_execute")
+        return answer
+
+    async def _execute(
+        self, gid: str, branch: str, operation: participant_pb2.BranchOperation
+    ) -> Answer:
         payload = operation.SerializeToString()
         async with self._pool.acquire() as conn:
             await conn.execute("BEGIN")
@@ -220,7 +241,12 @@ class Barrier:
                 raise
 
     async def compensate(self, gid: str, branch: str) -> None:
-        prepared_name(gid, branch)
+        """Undo the branch's action (a recorded no-op if it never ran).
+
+        Raises :class:`CompensationRefused` when the manager refuses to undo it;
+        then nothing is recorded and the action's effect stays.
+        """
+        name = prepared_name(gid, branch)
         async with self._pool.acquire() as conn, conn.transaction():
             first = await conn.fetchval(_RECORD, gid, branch, "compensate", "done", "", None)
             if not first:
@@ -242,7 +268,13 @@ class Barrier:
             if row["outcome"] != "done":
                 return  # the action said no: nothing to undo
             operation = participant_pb2.BranchOperation.FromString(row["operation"])
-            await self._manager.undo(conn, gid, branch, operation)
+            try:
+                await self._manager.undo(conn, gid, branch, operation)
+            except Refusal as refusal:
+                # Leaving the block rolls the compensate row back with whatever undo did.
+                raise CompensationRefused(
+                    f"branch {name} cannot be compensated: {refusal.reason}"
+                ) from None
 
     # -- housekeeping -----------------------------------------------------
 

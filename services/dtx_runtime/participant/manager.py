@@ -10,7 +10,11 @@ from dtx.v1 import participant_pb2
 
 
 class Refusal(Exception):
-    """A business "no": insufficient funds, out of stock. Becomes a vote, not an error."""
+    """A business "no": insufficient funds, out of stock. Becomes a vote, not an error.
+
+    Raised by :meth:`ResourceManager.undo`, it refuses a compensation instead
+    (the effect is final): the Compensate fails with FAILED_PRECONDITION.
+    """
 
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
@@ -43,4 +47,10 @@ class ResourceManager(Protocol):
         branch: str,
         operation: participant_pb2.BranchOperation,
     ) -> None:
-        """Reverse a committed :meth:`apply` (saga compensation)."""
+        """Reverse a committed :meth:`apply` (saga compensation).
+
+        Raise :class:`Refusal` when the effect must not be undone (it is
+        final): the barrier rolls back, records nothing, and the Compensate
+        is refused with FAILED_PRECONDITION, which a saga takes as definitive
+        (it parks for a person instead of retrying).
+        """

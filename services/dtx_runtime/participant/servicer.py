@@ -2,7 +2,8 @@
 
 Maps the barrier's answers and errors to the protocol: a business refusal is a
 "no" vote, a malformed request is INVALID_ARGUMENT naming the field, a commit
-of an unknown branch is FAILED_PRECONDITION, a branch held by a concurrent call
+of an unknown branch and a refused compensation (an effect that is final) are
+FAILED_PRECONDITION (no retry changes them), a branch held by a concurrent call
 or a database outage is UNAVAILABLE (the coordinator retries those).
 """
 
@@ -18,7 +19,13 @@ from prometheus_client import Counter, Histogram
 
 from dtx.v1 import participant_pb2, participant_pb2_grpc
 from dtx_runtime.identifiers import InvalidIdentifier
-from dtx_runtime.participant.barrier import Answer, Barrier, BranchBusy, BranchUnknown
+from dtx_runtime.participant.barrier import (
+    Answer,
+    Barrier,
+    BranchBusy,
+    BranchUnknown,
+    CompensationRefused,
+)
 from dtx_runtime.participant.manager import InvalidOperation
 
 CALLS = Counter(
@@ -46,6 +53,9 @@ async def _guarded(action: str, context: Context, call: Callable[[], Awaitable[T
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
     except BranchUnknown as exc:
         CALLS.labels(action, "unknown").inc()
+        await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+    except CompensationRefused as exc:
+        CALLS.labels(action, "refused").inc()
         await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
     except BranchBusy as exc:
         CALLS.labels(action, "busy").inc()
