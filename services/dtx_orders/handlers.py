@@ -101,6 +101,34 @@ def to_proto(row: asyncpg.Record) -> orders_pb2.Order:
     return order
 
 
+class AccountCurrencies:
+    """Accounts' currencies as payments gave them: bounded, oldest entry out first.
+
+    Safe to keep because an account's currency never changes (payments has no
+    call that changes it); an account not seen yet is looked up, so an
+    unknown one is still NOT_FOUND.
+    """
+
+    def __init__(self, capacity: int = 100_000) -> None:
+        self._capacity = capacity
+        self._known: dict[uuid.UUID, str] = {}
+
+    def get(self, account_id: uuid.UUID) -> str | None:
+        return self._known.get(account_id)
+
+    def put(self, account_id: uuid.UUID, currency: str) -> None:
+        if account_id not in self._known and len(self._known) >= self._capacity:
+            del self._known[next(iter(self._known))]
+        self._known[account_id] = currency
+
+
+def _price_map(products: inventory_pb2.GetProductsResponse) -> dict[str, domain.Price]:
+    return {
+        p.sku: domain.Price(price_minor=p.price_minor, currency=p.currency)
+        for p in products.products
+    }
+
+
 def _remote_failure(service: str, exc: grpc.aio.AioRpcError) -> ServiceError:
     if exc.code() in _RETRYABLE:
         return Unavailable(
@@ -122,6 +150,7 @@ class OrdersServicer(orders_pb2_grpc.OrdersServicer):
     ) -> None:
         self._pool = pool
         self._remotes = remotes
+        self._currencies = AccountCurrencies()
         self._transaction_timeout_ms = transaction_timeout_ms
         self._transaction_call_s = transaction_call_s
         self._lookup_timeout_s = lookup_timeout_s
@@ -190,13 +219,24 @@ class OrdersServicer(orders_pb2_grpc.OrdersServicer):
     # -- pricing -----------------------------------------------------------
 
     async def _prices(self, request: OrderRequest) -> tuple[str, dict[str, domain.Price]]:
-        """The account's currency and the items' prices, asked of payments and inventory at once."""
-        account_call = self._remotes.payments.GetAccount(
-            payments_pb2.GetAccountRequest(account_id=str(request.account_id)),
-            timeout=self._lookup_timeout_s,
-        )
+        """The account's currency and the items' prices, asked of payments and inventory at once.
+
+        Prices are always asked for (they may change); an account's currency
+        never changes, so an account seen once is not asked for again.
+        """
         products_call = self._remotes.inventory.GetProducts(
             inventory_pb2.GetProductsRequest(skus=[line.sku for line in request.items]),
+            timeout=self._lookup_timeout_s,
+        )
+        currency = self._currencies.get(request.account_id)
+        if currency is not None:
+            try:
+                listed = await products_call
+            except grpc.aio.AioRpcError as exc:
+                raise _remote_failure("inventory", exc) from None
+            return currency, _price_map(listed)
+        account_call = self._remotes.payments.GetAccount(
+            payments_pb2.GetAccountRequest(account_id=str(request.account_id)),
             timeout=self._lookup_timeout_s,
         )
         account, products = await asyncio.gather(
@@ -214,11 +254,8 @@ class OrdersServicer(orders_pb2_grpc.OrdersServicer):
             raise _remote_failure("inventory", products)
         if isinstance(products, BaseException):
             raise products
-        prices = {
-            p.sku: domain.Price(price_minor=p.price_minor, currency=p.currency)
-            for p in products.products
-        }
-        return account.currency, prices
+        self._currencies.put(request.account_id, account.currency)
+        return account.currency, _price_map(products)
 
     # -- the transaction ---------------------------------------------------
 

@@ -372,3 +372,18 @@ def test_settle_saga() -> None:
         transactions_pb2.TRANSACTION_STATE_NEEDS_INTERVENTION,
     ):
         assert domain.settle_saga(transaction(0, [], state=state)) is None
+
+
+def test_account_currencies_are_bounded_oldest_out_first() -> None:
+    from dtx_orders.handlers import AccountCurrencies
+
+    known = AccountCurrencies(capacity=2)
+    a, b, c = (uuid.UUID(int=i) for i in (1, 2, 3))
+    assert known.get(a) is None
+    known.put(a, "EUR")
+    known.put(b, "USD")
+    known.put(a, "EUR")  # already known: nothing is evicted
+    assert (known.get(a), known.get(b)) == ("EUR", "USD")
+    known.put(c, "GBP")
+    assert known.get(a) is None
+    assert (known.get(b), known.get(c)) == ("USD", "GBP")
