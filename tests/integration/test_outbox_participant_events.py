@@ -24,6 +24,7 @@ from dtx_orders.domain import Protocol, Settlement, Status
 from dtx_orders.handlers import settle
 from dtx_orders.participant import ConfirmOrderManager
 from dtx_payments.participant import ChargeManager
+from dtx_runtime.participant.barrier import CompensationRefused
 from tests.integration.test_participants import (
     _pool,
     add_product,
@@ -160,7 +161,10 @@ async def test_order_events_follow_the_order(orders: asyncpg.Pool) -> None:
 
     saga = await place_pending(orders, Protocol.SAGA)
     assert (await b.execute(saga.gid, "order", confirm(saga.id))).yes
-    await b.compensate(saga.gid, "order")
+    with pytest.raises(CompensationRefused, match="a confirmed order is final"):
+        await b.compensate(saga.gid, "order")  # confirm is the saga's pivot: no event
+    cancelled = await place_pending(orders, Protocol.SAGA)
+    await settle(orders, cancelled.id, Settlement(Status.CANCELLED, "stock: out of stock"))
 
     direct = await place_pending(orders, Protocol.UNCOORDINATED)
     async with orders.acquire() as conn:
@@ -176,12 +180,13 @@ async def test_order_events_follow_the_order(orders: asyncpg.Pool) -> None:
         str(confirmed.id): ["order.placed", "order.confirmed"],
         str(rejected.id): ["order.placed", "order.rejected"],
         str(failed.id): ["order.placed", "order.failed"],
-        str(saga.id): ["order.placed", "order.confirmed", "order.cancelled"],
+        str(saga.id): ["order.placed", "order.confirmed"],
+        str(cancelled.id): ["order.placed", "order.cancelled"],
         str(direct.id): ["order.placed", "order.confirmed"],
     }
     events = {(e.order.order_id, e.type): e.order for _, _, _, e in await outbox(orders)}
     assert events[(str(rejected.id), "order.rejected")].reason == "insufficient funds"
-    assert events[(str(saga.id), "order.cancelled")].reason == f"compensated by saga {saga.gid}"
+    assert events[(str(cancelled.id), "order.cancelled")].reason == "stock: out of stock"
     placed = events[(str(confirmed.id), "order.placed")]
     assert (placed.total_minor, placed.currency, placed.gid) == (300, "EUR", confirmed.gid)
     assert placed.protocol == common_pb2.PROTOCOL_TWO_PHASE_COMMIT
