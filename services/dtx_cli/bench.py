@@ -99,15 +99,36 @@ SETTLE_TIMEOUT_S = 15.0
 SETTLE_PAUSE_S = 3.0
 
 
-async def _settle(outbox_conns: list[asyncpg.Connection]) -> None:
-    """Wait (bounded) for every outbox to drain, then a short pause."""
-    deadline = time.monotonic() + SETTLE_TIMEOUT_S
-    while time.monotonic() < deadline:
-        backlogs = [await conn.fetchval(OUTBOX_SAMPLE) for conn in outbox_conns]
-        if not any(backlogs):
-            break
-        await asyncio.sleep(0.2)
-    await asyncio.sleep(SETTLE_PAUSE_S)
+class OutboxProbe:
+    """One connection per outbox database, shared by the sampler and the settling waits."""
+
+    def __init__(self, conns: list[asyncpg.Connection], pause_s: float = SETTLE_PAUSE_S) -> None:
+        self._conns = conns
+        self.pause_s = pause_s
+        self._lock = asyncio.Lock()  # an asyncpg connection runs one query at a time
+
+    @classmethod
+    async def connect(cls, dsns: list[str]) -> OutboxProbe:
+        return cls([await asyncpg.connect(dsn) for dsn in dsns])
+
+    async def sample(self) -> list[tuple[int, float]]:
+        """(backlog, age of the oldest unsent event in seconds) of each outbox."""
+        async with self._lock:
+            rows = [await conn.fetchrow(OUTBOX_SAMPLE) for conn in self._conns]
+        return [(int(r["backlog"]), float(r["oldest_s"])) for r in rows if r is not None]
+
+    async def settle(self) -> None:
+        """Wait (bounded) for every outbox to drain, then a short pause."""
+        deadline = time.monotonic() + SETTLE_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if not any(backlog for backlog, _ in await self.sample()):
+                break
+            await asyncio.sleep(0.2)
+        await asyncio.sleep(self.pause_s)
+
+    async def close(self) -> None:
+        for conn in self._conns:
+            await conn.close()
 
 
 def _rss_mb(pid: int) -> float:
@@ -212,6 +233,7 @@ async def run_bench(
     seconds: float = 20.0,
     paths: tuple[str, ...] = ("direct", "2pc", "saga", "local"),
     progress: Callable[[str], object] = print,
+    settle_pause_s: float = SETTLE_PAUSE_S,
 ) -> BenchReport:
     """Start a fresh system on ``infra``'s PostgreSQL, load it path by path, tear it down."""
     postgres = infra.postgres  # type: ignore[attr-defined]
@@ -274,17 +296,16 @@ async def run_bench(
         # and scraping five services twice a second would show up in the very
         # latencies being measured (Prometheus scrapes every 15 s).
         outbox_dsns = [dsn for key, dsn in system.dsns.items() if key in OUTBOX_SERVICES]
-        outbox_conns = [await asyncpg.connect(dsn) for dsn in outbox_dsns]
+        probe = await OutboxProbe.connect(outbox_dsns)
+        probe.pause_s = settle_pause_s
 
         async def sample() -> None:
             while True:
                 for key, proc in system.procs.items():
                     rss[key] = max(rss.get(key, 0.0), _rss_mb(proc.pid))
-                for conn in outbox_conns:
-                    row = await conn.fetchrow(OUTBOX_SAMPLE)
-                    assert row is not None
-                    outbox["backlog"] = max(outbox["backlog"], float(row["backlog"]))
-                    outbox["oldest"] = max(outbox["oldest"], float(row["oldest_s"]))
+                for backlog, oldest_s in await probe.sample():
+                    outbox["backlog"] = max(outbox["backlog"], float(backlog))
+                    outbox["oldest"] = max(outbox["oldest"], oldest_s)
                 await asyncio.sleep(0.5)
 
         sampler = asyncio.create_task(sample())
@@ -295,7 +316,7 @@ async def run_bench(
             else:
                 call = _order_call(orders, PROTOCOLS[path])
                 workload = Workload(accounts, skus)
-            await _settle(outbox_conns)  # start from the same quiet state
+            await probe.settle()  # start from the same quiet state
             say(f"{path}: warming up")
             await _closed_loop(call, workload, concurrency, min(2.0, seconds / 2))
             say(f"{path}: peak, concurrency {concurrency} for {seconds:g} s")
@@ -311,7 +332,7 @@ async def run_bench(
             half = max(1.0, peak / 2)
             # The overload just ended: let its after-effects (the relays' backlog,
             # autovacuum of what it wrote) pass, so they are not measured as latency.
-            await _settle(outbox_conns)
+            await probe.settle()
             say(f"{path}: half rate, {half:.0f} orders/s for {seconds:g} s")
             outbox.update(backlog=0.0, oldest=0.0)  # reported for the half rate
             latencies, errors = await _open_loop(call, workload, half, seconds)
@@ -326,8 +347,7 @@ async def run_bench(
         sampler.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await sampler
-        for conn in outbox_conns:
-            await conn.close()
+        await probe.close()
         report.peak_rss_mb = {k: round(v, 1) for k, v in rss.items()}
         direct = next((r for r in report.results if r.path == "direct"), None)
         for result in report.results:
