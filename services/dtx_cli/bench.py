@@ -102,9 +102,8 @@ SETTLE_PAUSE_S = 3.0
 class OutboxProbe:
     """One connection per outbox database, shared by the sampler and the settling waits."""
 
-    def __init__(self, conns: list[asyncpg.Connection], pause_s: float = SETTLE_PAUSE_S) -> None:
+    def __init__(self, conns: list[asyncpg.Connection]) -> None:
         self._conns = conns
-        self.pause_s = pause_s
         self._lock = asyncio.Lock()  # an asyncpg connection runs one query at a time
 
     @classmethod
@@ -117,18 +116,40 @@ class OutboxProbe:
             rows = [await conn.fetchrow(OUTBOX_SAMPLE) for conn in self._conns]
         return [(int(r["backlog"]), float(r["oldest_s"])) for r in rows if r is not None]
 
-    async def settle(self) -> None:
-        """Wait (bounded) for every outbox to drain, then a short pause."""
+    async def drain(self) -> None:
+        """Wait (bounded) for every outbox to drain."""
         deadline = time.monotonic() + SETTLE_TIMEOUT_S
         while time.monotonic() < deadline:
             if not any(backlog for backlog, _ in await self.sample()):
                 break
             await asyncio.sleep(0.2)
-        await asyncio.sleep(self.pause_s)
 
     async def close(self) -> None:
         for conn in self._conns:
             await conn.close()
+
+
+async def _settle(probe: OutboxProbe, dsns: list[str], pause_s: float) -> None:
+    """Bring the system to the same quiet state before a phase is measured.
+
+    The outboxes drained, then what pgbench does before it measures — VACUUM
+    every database — and a CHECKPOINT, so that neither autovacuum of the rows
+    the last phase wrote nor a checkpoint it made due lands in the next
+    phase's latencies; then a short pause.
+    """
+    await probe.drain()
+    for dsn in dsns:
+        conn = await asyncpg.connect(dsn)
+        try:
+            await conn.execute("VACUUM (ANALYZE)")
+        finally:
+            await conn.close()
+    conn = await asyncpg.connect(dsns[0])
+    try:
+        await conn.execute("CHECKPOINT")
+    finally:
+        await conn.close()
+    await asyncio.sleep(pause_s)
 
 
 def _rss_mb(pid: int) -> float:
@@ -287,7 +308,8 @@ async def run_bench(
                 inventory_pb2.CreateProductRequest(sku=sku, name=sku, price_minor=199, stock=10**9),
                 timeout=10,
             )
-        local_pool = await _local_pool(new_db("local"), len(accounts), skus)
+        local_dsn = new_db("local")
+        local_pool = await _local_pool(local_dsn, len(accounts), skus)
 
         rss: dict[str, float] = {}
         outbox = {"backlog": 0.0, "oldest": 0.0}
@@ -297,7 +319,7 @@ async def run_bench(
         # latencies being measured (Prometheus scrapes every 15 s).
         outbox_dsns = [dsn for key, dsn in system.dsns.items() if key in OUTBOX_SERVICES]
         probe = await OutboxProbe.connect(outbox_dsns)
-        probe.pause_s = settle_pause_s
+        every_db = [*system.dsns.values(), local_dsn]
 
         async def sample() -> None:
             while True:
@@ -316,7 +338,7 @@ async def run_bench(
             else:
                 call = _order_call(orders, PROTOCOLS[path])
                 workload = Workload(accounts, skus)
-            await probe.settle()  # start from the same quiet state
+            await _settle(probe, every_db, settle_pause_s)  # the same quiet start
             say(f"{path}: warming up")
             await _closed_loop(call, workload, concurrency, min(2.0, seconds / 2))
             say(f"{path}: peak, concurrency {concurrency} for {seconds:g} s")
@@ -332,7 +354,7 @@ async def run_bench(
             half = max(1.0, peak / 2)
             # The overload just ended: let its after-effects (the relays' backlog,
             # autovacuum of what it wrote) pass, so they are not measured as latency.
-            await probe.settle()
+            await _settle(probe, every_db, settle_pause_s)
             say(f"{path}: half rate, {half:.0f} orders/s for {seconds:g} s")
             outbox.update(backlog=0.0, oldest=0.0)  # reported for the half rate
             latencies, errors = await _open_loop(call, workload, half, seconds)
