@@ -8,7 +8,6 @@ beginning without meeting another test's records, and deletes them after.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import re
 import signal
 import time
@@ -22,9 +21,9 @@ from typing import Any
 import grpc
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
-from aiokafka.admin import AIOKafkaAdminClient
 
 from dtx.v1 import events_pb2, notifications_pb2, notifications_pb2_grpc, orders_pb2
+from tests.support.events import delete_topics
 from tests.support.stack import Stack
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
@@ -56,18 +55,7 @@ async def stack(
     finally:
         await system.close_channels()
         system.stop()
-        await _delete_topics(bootstrap, [prefix + t for t in TOPICS])
-
-
-async def _delete_topics(bootstrap: str, topics: list[str]) -> None:
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10_000)
-    with contextlib.suppress(Exception):
-        await asyncio.wait_for(admin.start(), 20)
-        existing = set(await asyncio.wait_for(admin.list_topics(), 20))
-        if gone := [t for t in topics if t in existing]:
-            await asyncio.wait_for(admin.delete_topics(gone), 20)
-    with contextlib.suppress(Exception):
-        await admin.close()
+        await delete_topics(bootstrap, [prefix + t for t in TOPICS])
 
 
 def topic(stack: Stack, name: str) -> str:

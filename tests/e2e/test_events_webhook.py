@@ -12,7 +12,8 @@ import pytest
 from aiohttp import web
 
 from dtx.v1 import notifications_pb2, notifications_pb2_grpc
-from tests.e2e.test_events import TOPICS, _delete_topics
+from tests.e2e.test_events import TOPICS
+from tests.support.events import delete_topics
 from tests.support.stack import Stack
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
@@ -78,7 +79,7 @@ async def stack(
     finally:
         await system.close_channels()
         system.stop()
-        await _delete_topics(bootstrap, [prefix + t for t in TOPICS])
+        await delete_topics(bootstrap, [prefix + t for t in TOPICS])
 
 
 async def test_webhook_retries_then_delivers_and_gives_up_after_max_attempts(

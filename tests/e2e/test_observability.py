@@ -37,11 +37,11 @@ from typing import Any
 import httpx
 import pytest
 import yaml
-from aiokafka.admin import AIOKafkaAdminClient
 
 from dtx_cli.processes import free_port
 from dtx_gateway.auth import mint_token
 from dtx_infra.kube import REPO_ROOT, ensure_binaries
+from tests.support.events import delete_topics
 from tests.support.stack import Stack
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(3 * 3600)]
@@ -305,17 +305,6 @@ class System:
             },
             headers=headers,
         )
-
-
-async def delete_topics(bootstrap: str, topics: list[str]) -> None:
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10_000)
-    with contextlib.suppress(Exception):
-        await asyncio.wait_for(admin.start(), 20)
-        existing = set(await asyncio.wait_for(admin.list_topics(), 20))
-        if gone := [t for t in topics if t in existing]:
-            await asyncio.wait_for(admin.delete_topics(gone), 20)
-    with contextlib.suppress(Exception):
-        await admin.close()
 
 
 @contextlib.asynccontextmanager
