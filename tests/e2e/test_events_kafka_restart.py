@@ -53,12 +53,8 @@ async def stack(
         kafka_bootstrap=broker.bootstrap,
         extra_services=("notifications",),
     ).build()
-    try:
-        system.start()
+    async with system.running():
         yield system
-    finally:
-        await system.close_channels()
-        system.stop()
 
 
 async def test_kafka_restart_loses_no_event_and_duplicates_no_notification(

@@ -78,11 +78,9 @@ async def stack(
         },
     ).build()
     try:
-        system.start()
-        yield system
+        async with system.running():
+            yield system
     finally:
-        await system.close_channels()
-        system.stop()
         await delete_topics(bootstrap, [prefix + t for t in ALL_TOPICS])
 
 

@@ -46,12 +46,8 @@ async def stack(run_dir: Path, new_database: Callable[[str], str]) -> AsyncItera
     """The system with the saga orchestrator; every Execute answer of orders comes 1.5 s late."""
     system = Stack(run_dir, new_database, with_saga=True, policy=POLICY).build()
     system.procs["orders"].env["DTX_FAILPOINTS"] = SLOW_CONFIRM
-    try:
-        system.start()
+    async with system.running():
         yield system
-    finally:
-        await system.close_channels()
-        system.stop()
 
 
 def saga_stub(stack: Stack) -> saga_pb2_grpc.SagaOrchestratorAsyncStub:

@@ -8,7 +8,8 @@ each other exactly as they would from their settings in a cluster.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import contextlib
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -73,6 +74,16 @@ class Stack:
 
     def stop(self) -> None:
         self.system.stop()
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[Stack]:
+        """Started for the block; its channels closed and every process stopped after it."""
+        try:
+            self.start()
+            yield self
+        finally:
+            await self.close_channels()
+            self.stop()
 
     # -- clients -------------------------------------------------------------
 
