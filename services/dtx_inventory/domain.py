@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from dtx.v1 import inventory_pb2, participant_pb2
 from dtx_runtime.errors import InvalidArgument
@@ -39,6 +39,8 @@ class Reservation:
 
     order_id: str
     items: tuple[Line, ...]
+    # SKU -> the unit price the order was priced at (checked); a SKU not here is not checked.
+    expected_prices: Mapping[str, int] = field(default_factory=dict)
 
     @property
     def skus(self) -> list[str]:
@@ -47,6 +49,11 @@ class Reservation:
     @property
     def quantities(self) -> list[int]:
         return [line.quantity for line in self.items]
+
+    @property
+    def prices(self) -> list[int | None]:
+        """The expected unit price of each item (None: not checked), in item order."""
+        return [self.expected_prices.get(line.sku) for line in self.items]
 
 
 def sku_problem(sku: str) -> str | None:
@@ -130,15 +137,41 @@ def parse_reserve(operation: participant_pb2.BranchOperation) -> Reservation:
         if item.quantity > MAX_STOCK:
             raise InvalidOperation(f"reserve.items[{i}].quantity: at most {MAX_STOCK}")
         lines.append(Line(item.sku, item.quantity))
-    return Reservation(reserve.order_id, tuple(sorted(lines, key=lambda line: line.sku)))
+    for sku, price in reserve.unit_price_minor.items():
+        if sku not in seen:
+            raise InvalidOperation(f"reserve.unit_price_minor[{sku}]: {sku} is not an item")
+        if not 1 <= price <= MAX_PRICE_MINOR:
+            raise InvalidOperation(
+                f"reserve.unit_price_minor[{sku}]: must be between 1 and {MAX_PRICE_MINOR},"
+                f" got {price}"
+            )
+    return Reservation(
+        reserve.order_id,
+        tuple(sorted(lines, key=lambda line: line.sku)),
+        dict(reserve.unit_price_minor),
+    )
 
 
-def refusal_reason(items: Sequence[Line], available: Mapping[str, int]) -> str | None:
-    """The first item (in SKU order) that cannot be reserved, given what is available; or None."""
+def refusal_reason(
+    items: Sequence[Line],
+    available: Mapping[str, int],
+    *,
+    prices: Mapping[str, int] | None = None,
+    expected_prices: Mapping[str, int] | None = None,
+) -> str | None:
+    """The first item (in SKU order) that cannot be reserved, given what is available; or None.
+
+    ``prices`` are the products' unit prices now, ``expected_prices`` those the
+    order was priced at: an order must not go through at a price that changed.
+    """
     for line in sorted(items, key=lambda line: line.sku):
         have = available.get(line.sku)
         if have is None:
             return f"unknown sku {line.sku}"
+        expected = (expected_prices or {}).get(line.sku)
+        now = (prices or {}).get(line.sku)
+        if expected is not None and now is not None and expected != now:
+            return f"price changed: {line.sku} costs {now} now, the order was priced at {expected}"
         if have < line.quantity:
             return f"out of stock: {line.sku} has {have} available, needs {line.quantity}"
     return None

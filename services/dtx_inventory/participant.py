@@ -37,7 +37,13 @@ class ReserveManager:
         reservation = domain.parse_reserve(operation)
         items = await storage.reserve(conn, gid, branch, reservation)
         available = {i.sku: i.available for i in items if i.available is not None}
-        reason = domain.refusal_reason(reservation.items, available)
+        prices = {i.sku: i.price_minor for i in items if i.price_minor is not None}
+        reason = domain.refusal_reason(
+            reservation.items,
+            available,
+            prices=prices,
+            expected_prices=reservation.expected_prices,
+        )
         if reason is not None:
             raise Refusal(reason)
         for item in items:

@@ -23,15 +23,18 @@ _PRODUCT_COLUMNS = "sku, name, price_minor, currency, available, reserved"
 
 _RESERVE = """
 WITH wanted AS (
-    SELECT sku, quantity FROM unnest($1::text[], $2::bigint[]) AS w (sku, quantity)
+    SELECT sku, quantity, price
+    FROM unnest($1::text[], $2::bigint[], $6::bigint[]) AS w (sku, quantity, price)
 ), locked AS (
-    SELECT p.sku, p.available FROM products p
+    SELECT p.sku, p.available, p.price_minor FROM products p
     WHERE p.sku = ANY ($1::text[])
     ORDER BY p.sku
     FOR UPDATE
 ), enough AS (
     SELECT w.sku, w.quantity FROM wanted w JOIN locked l USING (sku)
     WHERE l.available >= w.quantity
+      -- The price the order was priced at (when given) must still be the price.
+      AND (w.price IS NULL OR w.price = l.price_minor)
 ), moved AS (
     UPDATE products p
     SET available = p.available - e.quantity, reserved = p.reserved + e.quantity,
@@ -47,7 +50,7 @@ WITH wanted AS (
     ON CONFLICT (order_id, sku) DO NOTHING
     RETURNING sku
 )
-SELECT w.sku, w.quantity, l.available, h.sku IS NOT NULL AS held
+SELECT w.sku, w.quantity, l.available, l.price_minor, h.sku IS NOT NULL AS held
 FROM wanted w
 LEFT JOIN locked l USING (sku)
 LEFT JOIN held h USING (sku)
@@ -85,6 +88,7 @@ class ReservedItem:
     quantity: int
     available: int | None  # None: no such product
     held: bool
+    price_minor: int | None = None  # the product's unit price now (None: no such product)
 
 
 async def create_product(conn: Conn, new: NewProduct, currency: str) -> asyncpg.Record | None:
@@ -126,9 +130,18 @@ async def reserve(
 ) -> list[ReservedItem]:
     """Move every item from available to reserved, or none; report each item either way."""
     rows = await conn.fetch(
-        _RESERVE, reservation.skus, reservation.quantities, reservation.order_id, gid, branch
+        _RESERVE,
+        reservation.skus,
+        reservation.quantities,
+        reservation.order_id,
+        gid,
+        branch,
+        reservation.prices,
     )
-    return [ReservedItem(r["sku"], r["quantity"], r["available"], r["held"]) for r in rows]
+    return [
+        ReservedItem(r["sku"], r["quantity"], r["available"], r["held"], r["price_minor"])
+        for r in rows
+    ]
 
 
 async def release(conn: Conn, gid: str, branch: str) -> list[Line]:

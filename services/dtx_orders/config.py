@@ -11,6 +11,10 @@ Environment variables (besides those of :class:`ParticipantSettings`, e.g.
                                         ``DTX_TRANSACTION_CALL_MARGIN_SECONDS`` (default 5).
 ``DTX_LOOKUP_TIMEOUT_SECONDS``          deadline of the calls to payments and inventory and
                                         of the reconciler's lookups (default 3).
+``DTX_PRICE_CACHE_SECONDS``             how long a product's price, once asked of inventory, is
+                                        used without asking again (default 30; 0: ask on every
+                                        order). Inventory checks the price an order was priced
+                                        at, so a stale one can only reject an order.
 ``DTX_ORDER_RECONCILE_AFTER_SECONDS``   a PENDING order older than this is settled by the
                                         reconciler from its transaction's outcome (default 30;
                                         must exceed the transaction's timeout plus margin).
@@ -41,6 +45,7 @@ class OrdersSettings(ParticipantSettings):
     transaction_timeout_ms: int = Field(default=5000, ge=100, le=600_000)
     transaction_call_margin_seconds: float = Field(default=5.0, ge=0, le=600)
     lookup_timeout_seconds: float = Field(default=3.0, gt=0, le=120)
+    price_cache_seconds: float = Field(default=30.0, ge=0, le=86_400)
     order_reconcile_after_seconds: float = Field(default=30.0, gt=0, le=86_400)
     order_reconcile_interval_seconds: float = Field(default=5.0, gt=0, le=3600)
     order_reconcile_batch: int = Field(default=100, ge=1, le=10_000)

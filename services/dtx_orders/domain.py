@@ -367,6 +367,8 @@ def _stock_branch(order: NewOrder) -> transactions_pb2.Branch:
             reserve=participant_pb2.ReserveOperation(
                 order_id=str(order.id),
                 items=[common_pb2.LineItem(sku=li.sku, quantity=li.quantity) for li in order.lines],
+                # Inventory checks them: the order may have been priced from a cache.
+                unit_price_minor={li.sku: li.unit_price_minor for li in order.lines},
             )
         ),
     )

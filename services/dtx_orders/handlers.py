@@ -1,7 +1,7 @@
 """``dtx.v1.Orders``: place an order under a global transaction, read orders.
 
-PlaceOrder validates, prices the items from inventory (never from the
-caller), stores the order PENDING and runs its transaction (two-phase commit
+PlaceOrder validates, prices the items from inventory's prices (remembered
+for a while, see :mod:`dtx_orders.lookups`; never from the caller), stores the order PENDING and runs its transaction (two-phase commit
 through the coordinator, or a saga through the orchestrator). The order's own
 branch confirms it; a refused or failed transaction is recorded here. When the
 outcome is not known in time the order is answered PENDING and the reconciler
@@ -15,7 +15,9 @@ import json
 import logging
 import time
 import uuid
+from collections.abc import Awaitable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import asyncpg
 import grpc
@@ -36,6 +38,7 @@ from dtx.v1 import (
 )
 from dtx_orders import domain, storage
 from dtx_orders.domain import NewOrder, OrderRequest, Protocol, Settlement, Status
+from dtx_orders.lookups import AccountCurrencies, ProductPrices
 from dtx_orders.metrics import ORDER_SECONDS, ORDERS
 from dtx_runtime.errors import (
     AlreadyExists,
@@ -49,6 +52,8 @@ from dtx_runtime.outbox import notify_committed
 from dtx_runtime.rpc import Context, rpc
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 SETTLE_LOCK_TIMEOUT_MS = 1000
 """How long a settling UPDATE waits for a prepared transaction that still holds the order."""
@@ -101,32 +106,16 @@ def to_proto(row: asyncpg.Record) -> orders_pb2.Order:
     return order
 
 
-class AccountCurrencies:
-    """Accounts' currencies as payments gave them: bounded, oldest entry out first.
-
-    Safe to keep because an account's currency never changes (payments has no
-    call that changes it); an account not seen yet is looked up, so an
-    unknown one is still NOT_FOUND.
-    """
-
-    def __init__(self, capacity: int = 100_000) -> None:
-        self._capacity = capacity
-        self._known: dict[uuid.UUID, str] = {}
-
-    def get(self, account_id: uuid.UUID) -> str | None:
-        return self._known.get(account_id)
-
-    def put(self, account_id: uuid.UUID, currency: str) -> None:
-        if account_id not in self._known and len(self._known) >= self._capacity:
-            del self._known[next(iter(self._known))]
-        self._known[account_id] = currency
-
-
 def _price_map(products: inventory_pb2.GetProductsResponse) -> dict[str, domain.Price]:
     return {
         p.sku: domain.Price(price_minor=p.price_minor, currency=p.currency)
         for p in products.products
     }
+
+
+async def _maybe(call: Awaitable[T] | None) -> T | None:
+    """The call's answer, or None when there is no call to make."""
+    return None if call is None else await call
 
 
 def _remote_failure(service: str, exc: grpc.aio.AioRpcError) -> ServiceError:
@@ -146,11 +135,13 @@ class OrdersServicer(orders_pb2_grpc.OrdersServicer):
         transaction_timeout_ms: int,
         transaction_call_s: float,
         lookup_timeout_s: float,
+        price_cache_s: float = 0.0,
         allow_uncoordinated: bool = False,
     ) -> None:
         self._pool = pool
         self._remotes = remotes
         self._currencies = AccountCurrencies()
+        self._prices_seen = ProductPrices(price_cache_s)
         self._transaction_timeout_ms = transaction_timeout_ms
         self._transaction_call_s = transaction_call_s
         self._lookup_timeout_s = lookup_timeout_s
@@ -191,6 +182,9 @@ class OrdersServicer(orders_pb2_grpc.OrdersServicer):
 
         row = await self._run(order, row)
         status = Status(row["status"])
+        if status is not Status.CONFIRMED:
+            # A refusal may come from a price that changed: ask inventory next time.
+            self._prices_seen.forget(line.sku for line in order.lines)
         ORDERS.labels(order.protocol.value, status.value).inc()
         ORDER_SECONDS.labels(order.protocol.value).observe(time.perf_counter() - start)
         return to_proto(row)
@@ -219,28 +213,32 @@ class OrdersServicer(orders_pb2_grpc.OrdersServicer):
     # -- pricing -----------------------------------------------------------
 
     async def _prices(self, request: OrderRequest) -> tuple[str, dict[str, domain.Price]]:
-        """The account's currency and the items' prices, asked of payments and inventory at once.
+        """The account's currency and the items' prices: remembered, or asked of both at once.
 
-        Prices are always asked for (they may change); an account's currency
-        never changes, so an account seen once is not asked for again.
+        See :mod:`dtx_orders.lookups` for why remembering them is safe.
         """
-        products_call = self._remotes.inventory.GetProducts(
-            inventory_pb2.GetProductsRequest(skus=[line.sku for line in request.items]),
-            timeout=self._lookup_timeout_s,
-        )
+        skus = [line.sku for line in request.items]
         currency = self._currencies.get(request.account_id)
-        if currency is not None:
-            try:
-                listed = await products_call
-            except grpc.aio.AioRpcError as exc:
-                raise _remote_failure("inventory", exc) from None
-            return currency, _price_map(listed)
-        account_call = self._remotes.payments.GetAccount(
-            payments_pb2.GetAccountRequest(account_id=str(request.account_id)),
-            timeout=self._lookup_timeout_s,
+        prices = self._prices_seen.get_all(skus)
+        if currency is not None and prices is not None:
+            return currency, prices
+        products_call = (
+            self._remotes.inventory.GetProducts(
+                inventory_pb2.GetProductsRequest(skus=skus), timeout=self._lookup_timeout_s
+            )
+            if prices is None
+            else None
+        )
+        account_call = (
+            self._remotes.payments.GetAccount(
+                payments_pb2.GetAccountRequest(account_id=str(request.account_id)),
+                timeout=self._lookup_timeout_s,
+            )
+            if currency is None
+            else None
         )
         account, products = await asyncio.gather(
-            account_call, products_call, return_exceptions=True
+            _maybe(account_call), _maybe(products_call), return_exceptions=True
         )
         if isinstance(account, grpc.aio.AioRpcError):
             if account.code() == grpc.StatusCode.NOT_FOUND:
@@ -254,8 +252,15 @@ class OrdersServicer(orders_pb2_grpc.OrdersServicer):
             raise _remote_failure("inventory", products)
         if isinstance(products, BaseException):
             raise products
-        self._currencies.put(request.account_id, account.currency)
-        return account.currency, _price_map(products)
+        if account is not None:
+            currency = account.currency
+            self._currencies.put(request.account_id, currency)
+        if products is not None:
+            prices = _price_map(products)
+            self._prices_seen.put_all(prices)
+        assert currency is not None
+        assert prices is not None
+        return currency, prices
 
     # -- the transaction ---------------------------------------------------
 

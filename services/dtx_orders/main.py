@@ -51,6 +51,7 @@ async def setup(ctx: ServiceContext[OrdersSettings]) -> None:
             transaction_timeout_ms=settings.transaction_timeout_ms,
             transaction_call_s=settings.transaction_call_seconds,
             lookup_timeout_s=settings.lookup_timeout_seconds,
+            price_cache_s=settings.price_cache_seconds,
             allow_uncoordinated=settings.allow_uncoordinated,
         ),
         ctx.server,

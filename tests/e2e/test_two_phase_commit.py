@@ -78,6 +78,27 @@ async def test_a_no_vote_rolls_everything_back(stack: Stack) -> None:
     assert await stack.prepared() == []
 
 
+async def test_a_price_changed_since_it_was_remembered_rejects_then_reprices(
+    stack: Stack,
+) -> None:
+    """Orders prices from what it remembers; inventory refuses a price that has changed."""
+    [account] = await stack.seed(1, 10_000, {"WIDGET": (250, 10)})
+    first = await stack.place(account, {"WIDGET": 1})
+    assert first.status == orders_pb2.ORDER_STATUS_CONFIRMED, first.reason
+    # A price change behind the orders service's back (inventory has no call for it yet).
+    await stack.fetch("inventory", "UPDATE products SET price_minor = 300 WHERE sku = 'WIDGET'")
+    stale = await stack.place(account, {"WIDGET": 1})
+    assert stale.status == orders_pb2.ORDER_STATUS_REJECTED
+    assert "price changed: WIDGET costs 300 now, the order was priced at 250" in stale.reason
+    assert stale.total_minor == 250
+    repriced = await stack.place(account, {"WIDGET": 1})
+    assert repriced.status == orders_pb2.ORDER_STATUS_CONFIRMED, repriced.reason
+    assert repriced.total_minor == 300
+    assert await balances(stack) == {account: 10_000 - 250 - 300}
+    assert await stock(stack) == {"WIDGET": (8, 2)}
+    assert await stack.prepared() == []
+
+
 async def test_out_of_stock_is_a_rejection_with_the_sku(stack: Stack) -> None:
     [account] = await stack.seed(1, 10_000, {"WIDGET": (250, 1)})
     order = await stack.place(account, {"WIDGET": 3})

@@ -129,3 +129,36 @@ def test_refusal_reasons_first_problem_in_sku_order() -> None:
         domain.refusal_reason(lines, {"A": 1, "B": 3}) == "out of stock: B has 3 available, needs 5"
     )
     assert domain.refusal_reason(lines, {"B": 0}) == "unknown sku A"
+
+
+def test_reservation_carries_the_prices_the_order_was_priced_at() -> None:
+    operation = reserve_op([("B", 1), ("A", 2)])
+    operation.reserve.unit_price_minor["A"] = 250
+    reservation = domain.parse_reserve(operation)
+    assert reservation.expected_prices == {"A": 250}
+    assert reservation.prices == [250, None]  # item order: A, B; B is not checked
+
+
+@pytest.mark.parametrize(
+    ("sku", "price", "message"),
+    [
+        ("Z", 100, r"^reserve\.unit_price_minor\[Z\]: Z is not an item$"),
+        ("A", 0, r"^reserve\.unit_price_minor\[A\]: must be between 1 and "),
+    ],
+)
+def test_bad_expected_price_names_the_field(sku: str, price: int, message: str) -> None:
+    operation = reserve_op([("A", 1)])
+    operation.reserve.unit_price_minor[sku] = price
+    with pytest.raises(InvalidOperation, match=message):
+        domain.parse_reserve(operation)
+
+
+def test_a_changed_price_is_a_refusal_that_names_both_prices() -> None:
+    lines = [domain.Line("A", 1), domain.Line("B", 1)]
+    stock = {"A": 5, "B": 5}
+    now = {"A": 250, "B": 300}
+    assert domain.refusal_reason(lines, stock, prices=now, expected_prices={"A": 250}) is None
+    assert (
+        domain.refusal_reason(lines, stock, prices=now, expected_prices={"A": 250, "B": 280})
+        == "price changed: B costs 300 now, the order was priced at 280"
+    )

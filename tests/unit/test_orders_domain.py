@@ -375,7 +375,7 @@ def test_settle_saga() -> None:
 
 
 def test_account_currencies_are_bounded_oldest_out_first() -> None:
-    from dtx_orders.handlers import AccountCurrencies
+    from dtx_orders.lookups import AccountCurrencies
 
     known = AccountCurrencies(capacity=2)
     a, b, c = (uuid.UUID(int=i) for i in (1, 2, 3))
@@ -387,3 +387,33 @@ def test_account_currencies_are_bounded_oldest_out_first() -> None:
     known.put(c, "GBP")
     assert known.get(a) is None
     assert (known.get(b), known.get(c)) == ("USD", "GBP")
+
+
+def test_product_prices_are_trusted_for_their_ttl_then_asked_again() -> None:
+    from dtx_orders.domain import Price
+    from dtx_orders.lookups import ProductPrices
+
+    now = [100.0]
+    prices = ProductPrices(ttl_s=30, clock=lambda: now[0])
+    eur = {"A": Price(250, "EUR"), "B": Price(300, "EUR")}
+    assert prices.get_all(["A"]) is None
+    prices.put_all(eur)
+    assert prices.get_all(["A", "B"]) == eur
+    assert prices.get_all(["A", "C"]) is None  # one unknown: ask for all
+    now[0] += 29.9
+    assert prices.get_all(["B"]) == {"B": eur["B"]}
+    now[0] += 0.1
+    assert prices.get_all(["B"]) is None  # too old
+    prices.put_all(eur)
+    prices.forget(["A"])
+    assert prices.get_all(["A"]) is None
+    assert prices.get_all(["B"]) == {"B": eur["B"]}
+
+
+def test_product_prices_with_no_ttl_remember_nothing() -> None:
+    from dtx_orders.domain import Price
+    from dtx_orders.lookups import ProductPrices
+
+    prices = ProductPrices(ttl_s=0)
+    prices.put_all({"A": Price(250, "EUR")})
+    assert prices.get_all(["A"]) is None

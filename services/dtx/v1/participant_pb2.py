@@ -25,43 +25,47 @@ _sym_db = _symbol_database.Default()
 from dtx.v1 import common_pb2 as dtx_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x64tx/v1/participant.proto\x12\x06\x64tx.v1\x1a\x13\x64tx/v1/common.proto\"_\n\x0f\x43hargeOperation\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\x14\n\x0c\x61mount_minor\x18\x02 \x01(\x03\x12\x10\n\x08\x63urrency\x18\x03 \x01(\t\x12\x10\n\x08order_id\x18\x04 \x01(\t\"E\n\x10ReserveOperation\x12\x10\n\x08order_id\x18\x01 \x01(\t\x12\x1f\n\x05items\x18\x02 \x03(\x0b\x32\x10.dtx.v1.LineItem\")\n\x15\x43onfirmOrderOperation\x12\x10\n\x08order_id\x18\x01 \x01(\t\"\xa9\x01\n\x0f\x42ranchOperation\x12)\n\x06\x63harge\x18\x01 \x01(\x0b\x32\x17.dtx.v1.ChargeOperationH\x00\x12+\n\x07reserve\x18\x02 \x01(\x0b\x32\x18.dtx.v1.ReserveOperationH\x00\x12\x36\n\rconfirm_order\x18\x03 \x01(\x0b\x32\x1d.dtx.v1.ConfirmOrderOperationH\x00\x42\x06\n\x04kind\"Y\n\x0ePrepareRequest\x12\x0b\n\x03gid\x18\x01 \x01(\t\x12\x0e\n\x06\x62ranch\x18\x02 \x01(\t\x12*\n\toperation\x18\x03 \x01(\x0b\x32\x17.dtx.v1.BranchOperation\"=\n\x0fPrepareResponse\x12\x1a\n\x04vote\x18\x01 \x01(\x0e\x32\x0c.dtx.v1.Vote\x12\x0e\n\x06reason\x18\x02 \x01(\t\",\n\rCommitRequest\x12\x0b\n\x03gid\x18\x01 \x01(\t\x12\x0e\n\x06\x62ranch\x18\x02 \x01(\t\"\x10\n\x0e\x43ommitResponse\"+\n\x0c\x41\x62ortRequest\x12\x0b\n\x03gid\x18\x01 \x01(\t\x12\x0e\n\x06\x62ranch\x18\x02 \x01(\t\"\x0f\n\rAbortResponse\"Y\n\x0e\x45xecuteRequest\x12\x0b\n\x03gid\x18\x01 \x01(\t\x12\x0e\n\x06\x62ranch\x18\x02 \x01(\t\x12*\n\toperation\x18\x03 \x01(\x0b\x32\x17.dtx.v1.BranchOperation\"4\n\x0f\x45xecuteResponse\x12\x11\n\tsucceeded\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\"0\n\x11\x43ompensateRequest\x12\x0b\n\x03gid\x18\x01 \x01(\t\x12\x0e\n\x06\x62ranch\x18\x02 \x01(\t\"\x14\n\x12\x43ompensateResponse*Q\n\x04Vote\x12\x14\n\x10VOTE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bVOTE_COMMIT\x10\x01\x12\x0e\n\nVOTE_ABORT\x10\x02\x12\x12\n\x0eVOTE_READ_ONLY\x10\x03\x32\xb9\x02\n\x0bParticipant\x12:\n\x07Prepare\x12\x16.dtx.v1.PrepareRequest\x1a\x17.dtx.v1.PrepareResponse\x12\x37\n\x06\x43ommit\x12\x15.dtx.v1.CommitRequest\x1a\x16.dtx.v1.CommitResponse\x12\x34\n\x05\x41\x62ort\x12\x14.dtx.v1.AbortRequest\x1a\x15.dtx.v1.AbortResponse\x12:\n\x07\x45xecute\x12\x16.dtx.v1.ExecuteRequest\x1a\x17.dtx.v1.ExecuteResponse\x12\x43\n\nCompensate\x12\x19.dtx.v1.CompensateRequest\x1a\x1a.dtx.v1.CompensateResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x64tx/v1/participant.proto\x12\x06\x64tx.v1\x1a\x13\x64tx/v1/common.proto\"_\n\x0f\x43hargeOperation\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\x14\n\x0c\x61mount_minor\x18\x02 \x01(\x03\x12\x10\n\x08\x63urrency\x18\x03 \x01(\t\x12\x10\n\x08order_id\x18\x04 \x01(\t\"\xc4\x01\n\x10ReserveOperation\x12\x10\n\x08order_id\x18\x01 \x01(\t\x12\x1f\n\x05items\x18\x02 \x03(\x0b\x32\x10.dtx.v1.LineItem\x12\x46\n\x10unit_price_minor\x18\x03 \x03(\x0b\x32,.dtx.v1.ReserveOperation.UnitPriceMinorEntry\x1a\x35\n\x13UnitPriceMinorEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\")\n\x15\x43onfirmOrderOperation\x12\x10\n\x08order_id\x18\x01 \x01(\t\"\xa9\x01\n\x0f\x42ranchOperation\x12)\n\x06\x63harge\x18\x01 \x01(\x0b\x32\x17.dtx.v1.ChargeOperationH\x00\x12+\n\x07reserve\x18\x02 \x01(\x0b\x32\x18.dtx.v1.ReserveOperationH\x00\x12\x36\n\rconfirm_order\x18\x03 \x01(\x0b\x32\x1d.dtx.v1.ConfirmOrderOperationH\x00\x42\x06\n\x04kind\"Y\n\x0ePrepareRequest\x12\x0b\n\x03gid\x18\x01 \x01(\t\x12\x0e\n\x06\x62ranch\x18\x02 \x01(\t\x12*\n\toperation\x18\x03 \x01(\x0b\x32\x17.dtx.v1.BranchOperation\"=\n\x0fPrepareResponse\x12\x1a\n\x04vote\x18\x01 \x01(\x0e\x32\x0c.dtx.v1.Vote\x12\x0e\n\x06reason\x18\x02 \x01(\t\",\n\rCommitRequest\x12\x0b\n\x03gid\x18\x01 \x01(\t\x12\x0e\n\x06\x62ranch\x18\x02 \x01(\t\"\x10\n\x0e\x43ommitResponse\"+\n\x0c\x41\x62ortRequest\x12\x0b\n\x03gid\x18\x01 \x01(\t\x12\x0e\n\x06\x62ranch\x18\x02 \x01(\t\"\x0f\n\rAbortResponse\"Y\n\x0e\x45xecuteRequest\x12\x0b\n\x03gid\x18\x01 \x01(\t\x12\x0e\n\x06\x62ranch\x18\x02 \x01(\t\x12*\n\toperation\x18\x03 \x01(\x0b\x32\x17.dtx.v1.BranchOperation\"4\n\x0f\x45xecuteResponse\x12\x11\n\tsucceeded\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\"0\n\x11\x43ompensateRequest\x12\x0b\n\x03gid\x18\x01 \x01(\t\x12\x0e\n\x06\x62ranch\x18\x02 \x01(\t\"\x14\n\x12\x43ompensateResponse*Q\n\x04Vote\x12\x14\n\x10VOTE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bVOTE_COMMIT\x10\x01\x12\x0e\n\nVOTE_ABORT\x10\x02\x12\x12\n\x0eVOTE_READ_ONLY\x10\x03\x32\xb9\x02\n\x0bParticipant\x12:\n\x07Prepare\x12\x16.dtx.v1.PrepareRequest\x1a\x17.dtx.v1.PrepareResponse\x12\x37\n\x06\x43ommit\x12\x15.dtx.v1.CommitRequest\x1a\x16.dtx.v1.CommitResponse\x12\x34\n\x05\x41\x62ort\x12\x14.dtx.v1.AbortRequest\x1a\x15.dtx.v1.AbortResponse\x12:\n\x07\x45xecute\x12\x16.dtx.v1.ExecuteRequest\x1a\x17.dtx.v1.ExecuteResponse\x12\x43\n\nCompensate\x12\x19.dtx.v1.CompensateRequest\x1a\x1a.dtx.v1.CompensateResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'dtx.v1.participant_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_VOTE']._serialized_start=937
-  _globals['_VOTE']._serialized_end=1018
+  _globals['_RESERVEOPERATION_UNITPRICEMINORENTRY']._loaded_options = None
+  _globals['_RESERVEOPERATION_UNITPRICEMINORENTRY']._serialized_options = b'8\001'
+  _globals['_VOTE']._serialized_start=1065
+  _globals['_VOTE']._serialized_end=1146
   _globals['_CHARGEOPERATION']._serialized_start=57
   _globals['_CHARGEOPERATION']._serialized_end=152
-  _globals['_RESERVEOPERATION']._serialized_start=154
-  _globals['_RESERVEOPERATION']._serialized_end=223
-  _globals['_CONFIRMORDEROPERATION']._serialized_start=225
-  _globals['_CONFIRMORDEROPERATION']._serialized_end=266
-  _globals['_BRANCHOPERATION']._serialized_start=269
-  _globals['_BRANCHOPERATION']._serialized_end=438
-  _globals['_PREPAREREQUEST']._serialized_start=440
-  _globals['_PREPAREREQUEST']._serialized_end=529
-  _globals['_PREPARERESPONSE']._serialized_start=531
-  _globals['_PREPARERESPONSE']._serialized_end=592
-  _globals['_COMMITREQUEST']._serialized_start=594
-  _globals['_COMMITREQUEST']._serialized_end=638
-  _globals['_COMMITRESPONSE']._serialized_start=640
-  _globals['_COMMITRESPONSE']._serialized_end=656
-  _globals['_ABORTREQUEST']._serialized_start=658
-  _globals['_ABORTREQUEST']._serialized_end=701
-  _globals['_ABORTRESPONSE']._serialized_start=703
-  _globals['_ABORTRESPONSE']._serialized_end=718
-  _globals['_EXECUTEREQUEST']._serialized_start=720
-  _globals['_EXECUTEREQUEST']._serialized_end=809
-  _globals['_EXECUTERESPONSE']._serialized_start=811
-  _globals['_EXECUTERESPONSE']._serialized_end=863
-  _globals['_COMPENSATEREQUEST']._serialized_start=865
-  _globals['_COMPENSATEREQUEST']._serialized_end=913
-  _globals['_COMPENSATERESPONSE']._serialized_start=915
-  _globals['_COMPENSATERESPONSE']._serialized_end=935
-  _globals['_PARTICIPANT']._serialized_start=1021
-  _globals['_PARTICIPANT']._serialized_end=1334
+  _globals['_RESERVEOPERATION']._serialized_start=155
+  _globals['_RESERVEOPERATION']._serialized_end=351
+  _globals['_RESERVEOPERATION_UNITPRICEMINORENTRY']._serialized_start=298
+  _globals['_RESERVEOPERATION_UNITPRICEMINORENTRY']._serialized_end=351
+  _globals['_CONFIRMORDEROPERATION']._serialized_start=353
+  _globals['_CONFIRMORDEROPERATION']._serialized_end=394
+  _globals['_BRANCHOPERATION']._serialized_start=397
+  _globals['_BRANCHOPERATION']._serialized_end=566
+  _globals['_PREPAREREQUEST']._serialized_start=568
+  _globals['_PREPAREREQUEST']._serialized_end=657
+  _globals['_PREPARERESPONSE']._serialized_start=659
+  _globals['_PREPARERESPONSE']._serialized_end=720
+  _globals['_COMMITREQUEST']._serialized_start=722
+  _globals['_COMMITREQUEST']._serialized_end=766
+  _globals['_COMMITRESPONSE']._serialized_start=768
+  _globals['_COMMITRESPONSE']._serialized_end=784
+  _globals['_ABORTREQUEST']._serialized_start=786
+  _globals['_ABORTREQUEST']._serialized_end=829
+  _globals['_ABORTRESPONSE']._serialized_start=831
+  _globals['_ABORTRESPONSE']._serialized_end=846
+  _globals['_EXECUTEREQUEST']._serialized_start=848
+  _globals['_EXECUTEREQUEST']._serialized_end=937
+  _globals['_EXECUTERESPONSE']._serialized_start=939
+  _globals['_EXECUTERESPONSE']._serialized_end=991
+  _globals['_COMPENSATEREQUEST']._serialized_start=993
+  _globals['_COMPENSATEREQUEST']._serialized_end=1041
+  _globals['_COMPENSATERESPONSE']._serialized_start=1043
+  _globals['_COMPENSATERESPONSE']._serialized_end=1063
+  _globals['_PARTICIPANT']._serialized_start=1149
+  _globals['_PARTICIPANT']._serialized_end=1462
 # @@protoc_insertion_point(module_scope)
