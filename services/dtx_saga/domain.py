@@ -15,7 +15,8 @@ Step states (``StepRecord.state``):
                  re-executed when the saga goes on and compensated when it
                  turns back (the barrier makes both safe)
 ``compensated``  Compensate acknowledged (a recorded no-op if it never ran)
-``skipped``      never run: the saga turned back before reaching it
+``skipped``      never run: the saga turned back before reaching it (only an
+                 exact state says so; see :func:`begin_compensation`)
 
 A refused step is excluded from compensation on purpose: the protocol
 promises that a refusal changed nothing, the barrier has recorded the "no"
@@ -43,6 +44,11 @@ Before the pivot, the deadline passing or the rounds running out with
 can turn back a saga at its pivot; the pivot is then owed a Compensate like
 any step whose outcome is unknown, and a participant whose effect is final
 refuses it (FAILED_PRECONDITION), which parks the saga at once.
+
+A saga read back from the log (``Saga.may_lag``) may be more than one step
+behind its participants: a step's *done* is a lazy write, and a PostgreSQL
+crash can lose several. Turning back, such a saga owes every pending step a
+Compensate, the pivot's first (:func:`begin_compensation`).
 """
 
 from __future__ import annotations
@@ -156,6 +162,9 @@ class Saga:
     timeout_ms: int = 0
     # Seconds left to the deadline when the row was read (the database's clock).
     remaining_s: float | None = None
+    # Read back from the log, not the inline driver's memory: steps it shows
+    # pending may have run (lazy saves lost in a database crash).
+    may_lag: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -261,7 +270,26 @@ def begin_compensation(saga: Saga, reason: str) -> None:
     participant even if nothing says so — a driver that died, an abort that
     came while the call was in flight — so a pending one there is counted as
     *failed* (compensated; the barrier makes that a no-op if it never ran).
-    Steps after it were never sent: skipped.
+
+    Steps after it: a saga driven from memory (an inline RunSaga) knows they
+    were never sent, so they are skipped and cost no call. A saga read back
+    from the log (``saga.may_lag``: recovery, an intervention) cannot know:
+    a step's *done* is a lazy write, and a PostgreSQL crash can lose several,
+    so steps the log shows pending may have run. Every pending step is then
+    counted as failed and compensated, in reverse order as always; for one
+    that never ran the Compensate is a recorded no-op, which also refuses its
+    late Execute.
+
+    That includes the pivot. A lagging log can show the cursor before the
+    pivot — so the deadline or exhausted rounds may turn the saga back — when
+    the pivot did run. No caller was told it completed (COMPLETED is a durable
+    write, which would have flushed the lost ones), and the pivot's Compensate
+    goes out first, before any earlier step is undone: a pivot that never ran
+    acknowledges it as a no-op and the rest is compensated; a pivot whose
+    effect is final (a confirmed order) is refused with FAILED_PRECONDITION
+    and the saga parks at once with nothing undone, for a person. Either the
+    saga ends compensated with every effect undone, or it waits for a person;
+    never compensated around an effect that stays.
 
     The engine never calls this for an unknown outcome at the pivot (see
     :func:`forward_verdict`); at the pivot it turns back only on the pivot's
@@ -277,6 +305,9 @@ def begin_compensation(saga: Saga, reason: str) -> None:
             if i == cursor:
                 step.state = StepState.FAILED
                 step.reason = step.reason or "outcome unknown when the saga turned back"
+            elif saga.may_lag:
+                step.state = StepState.FAILED
+                step.reason = step.reason or "may have run: the log read back may lag"
             else:
                 step.state = StepState.SKIPPED
     saga.state = State.COMPENSATING

@@ -39,6 +39,11 @@ repeated Execute with its first answer. Only the pivot's own refusal turns
 the saga back from there (the earlier steps are compensated, the pivot is
 not), or a person's AbortSaga.
 
+A saga claimed by recovery is driven from its log, which a PostgreSQL crash
+can leave several steps behind; when it turns back, every step the log shows
+pending is compensated too, the pivot first (``domain.begin_compensation``).
+An inline RunSaga drives from memory and skips the steps it never sent.
+
 Every write of a driver is fenced by its lease (see ``storage``): when an
 intervention or another replica takes a saga over, the driver's next write
 is refused and it stops — RunSaga then waits (bounded) for the saga's end.

@@ -18,7 +18,9 @@ Everything else — a step's result, a compensated step, COMPENSATED, a
 reschedule, a park — goes through the *lazy* pool (``synchronous_commit=off``):
 losing it in a database crash only makes recovery repeat a call the barrier
 makes idempotent. WAL is written in order, so a durable write also flushes
-the lazy ones before it.
+the lazy ones before it. Several steps' results can be lost at once, though,
+so every saga read from here is marked ``may_lag``: should it turn back, the
+steps it shows pending are compensated too (``domain.begin_compensation``).
 
 Every write of a driver is fenced by ``lease_owner``: a driver whose lease
 was taken over (by a replica, or by an intervention, which clears it) has its
@@ -69,6 +71,7 @@ def _row(record: asyncpg.Record) -> Saga:
         attempts=record["attempts"],
         timeout_ms=record["timeout_ms"],
         remaining_s=record["remaining_s"],
+        may_lag=True,
     )
     saga.extra = {
         k: record[k] for k in ("deadline", "lease_owner", "created_at", "updated_at", "finished_at")

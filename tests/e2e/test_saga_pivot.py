@@ -239,3 +239,57 @@ async def test_orchestrator_killed_after_sending_confirm_completes_past_the_dead
     )
     assert saga.state == T.TRANSACTION_STATE_COMPLETED, saga
     await assert_confirmed_once(stack, order)
+
+
+# What a PostgreSQL crash that lost the saga's last lazy saves leaves: the
+# steps from ``$2`` on show pending again and nothing says the saga finished.
+# Past its deadline and without a lease, the next recovery pass claims it.
+LOSE_SAVES = (
+    "UPDATE sagas SET state = 'RUNNING', direction = 'forward', current_step = $2::integer,"
+    " attempts = 0, finished_at = NULL, lease_owner = NULL, lease_expires = NULL,"
+    " next_attempt_at = now(), deadline = now() - interval '1 second',"
+    " steps = (SELECT jsonb_agg(CASE WHEN n > $2::integer"
+    "          THEN jsonb_set(s, '{state}', '\"pending\"') ELSE s END ORDER BY n)"
+    "          FROM jsonb_array_elements(steps) WITH ORDINALITY AS t(s, n))"
+    " WHERE gid = $1 AND state = 'COMPLETED' RETURNING gid"
+)
+
+
+@pytest.fixture
+async def prompt_stack(run_dir: Path, new_database: Callable[[str], str]) -> AsyncIterator[Stack]:
+    """The system with the saga orchestrator, every participant answering in time."""
+    system = Stack(run_dir, new_database, with_saga=True, policy=POLICY).build()
+    async with system.running():
+        yield system
+
+
+async def test_a_lagging_log_that_hides_the_confirmation_parks_instead_of_cancelling(
+    prompt_stack: Stack,
+) -> None:
+    stack = prompt_stack
+    [account] = await stack.seed(1, 10_000, {"APPLE": (100, 50)})
+    order = await place_saga_order(stack, account)
+    await wait_saga(stack, order.gid, {T.TRANSACTION_STATE_COMPLETED})
+    await assert_confirmed_once(stack, order)
+
+    # The log read back shows only the stock reserved: the cursor before the pivot,
+    # past the deadline, so recovery turns the saga back. The confirmation it hid
+    # is asked first; orders refuses to undo it and the saga parks, nothing undone.
+    assert await stack.fetch("saga", LOSE_SAVES, order.gid, 1)
+    saga = await wait_saga(
+        stack,
+        order.gid,
+        {T.TRANSACTION_STATE_COMPENSATED, T.TRANSACTION_STATE_NEEDS_INTERVENTION},
+    )
+    assert saga.state == T.TRANSACTION_STATE_NEEDS_INTERVENTION, saga
+    assert saga.reason.startswith("order: compensate failed: FAILED_PRECONDITION:"), saga
+    assert f"order {order.id} is CONFIRMED, and a confirmed order is final" in saga.reason
+    assert await steps_of(stack, order.gid) == (
+        "NEEDS_INTERVENTION",
+        "backward",
+        {"stock": "done", "payment": "failed", "order": "failed"},
+    )
+    # Still charged and reserved: the confirmed order is whole.
+    await assert_confirmed_once(stack, order)
+    [apple] = await stack.fetch("inventory", "SELECT available, reserved FROM products")
+    assert (apple["available"], apple["reserved"]) == (49, 1)

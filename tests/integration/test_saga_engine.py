@@ -470,10 +470,85 @@ async def test_orchestrator_killed_past_the_deadline_compensates_on_restart(rig:
         )
     assert saga.state == T.TRANSACTION_STATE_COMPENSATED, saga
     assert saga.reason == "pay-b: the saga's deadline passed"
-    assert steps_of(saga) == {"pay-a": "compensated", "pay-b": "compensated", "pay-c": "skipped"}
+    # Driven from the log, which may lag: pay-c, never sent, is compensated too.
+    assert steps_of(saga) == {
+        "pay-a": "compensated",
+        "pay-b": "compensated",
+        "pay-c": "compensated",
+    }
     assert (await rig.balance("payments", a), await rig.balance("bank", b)) == (1_000, 1_000)
     # pay-b's outcome was unknown: it got a Compensate, which found nothing to undo.
     assert await rig.ledger("bank", "crash-2") == []
+    # pay-c never ran: its Compensate was a recorded no-op.
+    barrier = await rig.fetch(
+        "payments",
+        "SELECT op, outcome FROM dtx_barrier WHERE gid = $1 AND branch = 'pay-c' ORDER BY op",
+        "crash-2",
+    )
+    assert [(r["op"], r["outcome"]) for r in barrier] == [
+        ("action", "compensated"),
+        ("compensate", "noop"),
+    ]
+
+
+# What a PostgreSQL crash that lost the last lazy saves leaves: the steps from
+# ``$2`` on show pending again, and nothing says the saga finished. Past its
+# deadline and without a lease, the next recovery pass claims it.
+LOSE_SAVES = (
+    "UPDATE sagas SET state = 'RUNNING', direction = 'forward', current_step = $2::integer,"
+    " attempts = 0, finished_at = NULL, lease_owner = NULL, lease_expires = NULL,"
+    " next_attempt_at = now(), deadline = now() - interval '1 second',"
+    " steps = (SELECT jsonb_agg(CASE WHEN n > $2::integer"
+    "          THEN jsonb_set(s, '{state}', '\"pending\"') ELSE s END ORDER BY n)"
+    "          FROM jsonb_array_elements(steps) WITH ORDINALITY AS t(s, n))"
+    " WHERE gid = $1 AND state = 'COMPLETED' RETURNING gid"
+)
+
+
+async def test_a_log_that_lost_several_steps_compensates_the_hidden_ones(rig: Rig) -> None:
+    a = await rig.account("payments", 1_000)
+    b = await rig.account("bank", 1_000)
+    c = await rig.account("payments", 1_000)
+    steps = [
+        charge("pay-a", "payments", a, 300),
+        charge("pay-b", "bank", b, 200),
+        charge("pay-c", "payments", c, 100),
+    ]
+    saga = await run(rig, "lag-1", steps)
+    assert saga.state == T.TRANSACTION_STATE_COMPLETED
+    # Every step ran, but the log read back shows only pay-a: the cursor before the pivot.
+    assert await rig.fetch("saga", LOSE_SAVES, "lag-1", 1)
+    saga = await rig.wait_for(
+        "lag-1",
+        {
+            T.TRANSACTION_STATE_COMPLETED,
+            T.TRANSACTION_STATE_COMPENSATED,
+            T.TRANSACTION_STATE_NEEDS_INTERVENTION,
+        },
+    )
+    assert saga.state == T.TRANSACTION_STATE_COMPENSATED, saga
+    assert saga.reason == "pay-b: the saga's deadline passed"
+    assert steps_of(saga) == {
+        "pay-a": "compensated",
+        "pay-b": "compensated",
+        "pay-c": "compensated",
+    }
+    # The hidden steps, pivot included, were undone too: nobody is left charged.
+    assert (
+        await rig.balance("payments", a),
+        await rig.balance("bank", b),
+        await rig.balance("payments", c),
+    ) == (1_000, 1_000, 1_000)
+    assert await rig.ledger("bank", "lag-1") == [
+        ("pay-b", "charge", -200),
+        ("pay-b", "refund", 200),
+    ]
+    assert await rig.ledger("payments", "lag-1") == [
+        ("pay-a", "charge", -300),
+        ("pay-c", "charge", -100),
+        ("pay-c", "refund", 100),
+        ("pay-a", "refund", 300),
+    ]
 
 
 async def test_orchestrator_killed_at_the_pivot_past_the_deadline_completes_on_restart(

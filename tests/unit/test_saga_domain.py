@@ -325,6 +325,107 @@ def test_step_records_survive_the_log(record: StepRecord) -> None:
     assert StepRecord.from_json(record.to_json()) == record
 
 
+# -- a log that may lag (a saga read back from it) ----------------------------
+
+
+def lagging(*states: StepState) -> Saga:
+    """A saga as storage reads it back: lazy saves lost in a crash may hide steps that ran."""
+    saga = saga_of(*states)
+    saga.may_lag = True
+    return saga
+
+
+def test_a_saga_driven_from_memory_is_exact_by_default() -> None:
+    assert not saga_of(StepState.PENDING).may_lag
+
+
+@pytest.mark.parametrize(
+    ("may_lag", "after", "plan"),
+    [
+        # Inline: the steps after the cursor were never sent; no call for them.
+        (False, [StepState.FAILED, StepState.SKIPPED, StepState.SKIPPED], [1, 0]),
+        # From the log: any of them may have run; all are owed a Compensate, last first.
+        (True, [StepState.FAILED, StepState.FAILED, StepState.FAILED], [3, 2, 1, 0]),
+    ],
+)
+def test_pending_steps_after_the_cursor_by_mode(
+    may_lag: bool, after: list[StepState], plan: list[int]
+) -> None:
+    saga = saga_of(StepState.DONE, StepState.PENDING, StepState.PENDING, StepState.PENDING)
+    saga.may_lag = may_lag
+    begin_compensation(saga, "s1: the saga's deadline passed")
+    assert [s.state for s in saga.steps] == [StepState.DONE, *after]
+    assert compensation_plan(saga.steps) == plan
+    assert all(s.reason for s in saga.steps[1:] if s.state is StepState.FAILED)
+    assert (saga.state, saga.direction) == (State.COMPENSATING, Direction.BACKWARD)
+
+
+@pytest.mark.parametrize(
+    ("may_lag", "last", "plan"),
+    [(False, StepState.SKIPPED, [0]), (True, StepState.FAILED, [2, 0])],
+)
+def test_a_refusal_at_the_cursor_leaves_the_refused_step_out_in_both_modes(
+    may_lag: bool, last: StepState, plan: list[int]
+) -> None:
+    saga = saga_of(StepState.DONE, StepState.REFUSED, StepState.PENDING)
+    saga.may_lag = may_lag
+    begin_compensation(saga, "s1: insufficient funds")
+    assert [s.state for s in saga.steps] == [StepState.DONE, StepState.REFUSED, last]
+    assert compensation_plan(saga.steps) == plan
+
+
+def test_a_lagging_log_before_the_pivot_asks_the_pivot_first() -> None:
+    # The log shows the cursor at s1, the pivot (s2) possibly run: its Compensate
+    # goes out before anything is undone, so a final pivot parks the saga untouched.
+    saga = lagging(StepState.DONE, StepState.PENDING, StepState.PENDING)
+    assert not at_pivot(saga.steps)
+    begin_compensation(saga, "s1: the saga's deadline passed")
+    assert compensation_plan(saga.steps) == [2, 1, 0]
+    assert cursor(saga) == 2
+
+
+def test_a_lagging_log_at_the_pivot_changes_nothing() -> None:
+    # Nothing follows the pivot: a person's abort there owes the same in both modes.
+    exact = saga_of(StepState.DONE, StepState.DONE, StepState.PENDING)
+    from_log = lagging(StepState.DONE, StepState.DONE, StepState.PENDING)
+    for saga in (exact, from_log):
+        assert abort(saga, "aborted by ops: x")
+        assert compensation_plan(saga.steps) == [2, 1, 0]
+    assert [s.state for s in exact.steps] == [s.state for s in from_log.steps]
+
+
+def test_abort_of_a_saga_read_from_the_log_compensates_every_pending_step() -> None:
+    saga = lagging(StepState.DONE, StepState.FAILED, StepState.PENDING, StepState.PENDING)
+    assert abort(saga, "aborted by ops: stuck")
+    assert compensation_plan(saga.steps) == [3, 2, 1, 0]
+    assert StepState.SKIPPED not in [s.state for s in saga.steps]
+
+
+@given(OUTCOMES, st.integers(0, MAX_STEPS))
+def test_a_lagging_log_compensates_every_step_that_may_have_run(
+    outcomes: list[str], hidden: int
+) -> None:
+    """Run forward with these answers; the log then lost the last ``hidden`` steps' results."""
+    saga = lagging(*[StepState.PENDING] * len(outcomes))
+    ran: list[int] = []
+    for i, outcome in enumerate(outcomes):
+        saga.steps[i].state = StepState(outcome)
+        ran.append(i)
+        if outcome != "done":
+            break
+    truth = [s.state for s in saga.steps]
+    for i in ran[len(ran) - min(hidden, len(ran)) :]:
+        saga.steps[i].state = StepState.PENDING  # a lost lazy save
+    if next_forward(saga.steps) is None:
+        return  # nothing lost and all done: it completes, nothing to compensate
+    begin_compensation(saga, "cause")
+    plan = compensation_plan(saga.steps)
+    assert sorted(plan, reverse=True) == plan
+    # Whatever ran with an effect (done, or unknown) is compensated.
+    assert {i for i in ran if truth[i] in OWES_COMPENSATION} <= set(plan)
+    assert StepState.SKIPPED not in [s.state for s in saga.steps]
+
+
 # -- final states and the cursor --------------------------------------------
 
 
