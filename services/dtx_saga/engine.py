@@ -283,7 +283,11 @@ class Engine:
             await failpoint("saga.before_step")
             result = await self._execute(saga.gid, step, policy, None if pivot else deadline)
             if result is StepState.DONE:
-                if not await self.log.save(saga, owner=self.owner, lease_ms=self.lease_ms(policy)):
+                # After the last step the COMPLETED write below records it: no save between.
+                last = next_forward(saga.steps) is None
+                if not last and not await self.log.save(
+                    saga, owner=self.owner, lease_ms=self.lease_ms(policy)
+                ):
                     return RoundEnd.LOST, 0
                 await failpoint("saga.after_step")
                 continue
