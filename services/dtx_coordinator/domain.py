@@ -48,6 +48,10 @@ class BranchState(enum.StrEnum):
     READ_ONLY = "read_only"  # voted yes having changed nothing: owes no phase two
     COMMITTED = "committed"
     ABORTED = "aborted"
+    # The caller's own branch (``prepared_by_caller``) once the decision went back
+    # to the caller in RunTransaction's answer: the caller applies it, and its
+    # reaper asks GetOutcome should it fail to.
+    DELEGATED = "delegated"
 
 
 @dataclass
@@ -60,6 +64,7 @@ class BranchRecord:
     state: BranchState = BranchState.PENDING
     reason: str = ""
     attempts: int = 0
+    by_caller: bool = False  # prepared by the caller before it asked (see the proto)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -69,6 +74,7 @@ class BranchRecord:
             "state": self.state.value,
             "reason": self.reason,
             "attempts": self.attempts,
+            "by_caller": self.by_caller,
         }
 
     @classmethod
@@ -80,6 +86,18 @@ class BranchRecord:
             state=BranchState(data["state"]),
             reason=data.get("reason", ""),
             attempts=int(data.get("attempts", 0)),
+            by_caller=bool(data.get("by_caller", False)),
+        )
+
+    @classmethod
+    def of_request(cls, branch: transactions_pb2.Branch) -> BranchRecord:
+        """A requested branch as logged; the caller's own is prepared already."""
+        return cls(
+            branch.branch,
+            branch.participant,
+            branch.operation.SerializeToString(),
+            state=BranchState.PREPARED if branch.prepared_by_caller else BranchState.PENDING,
+            by_caller=branch.prepared_by_caller,
         )
 
 
@@ -105,7 +123,13 @@ def validate_request(
         raise InvalidArgument(f"branches: at most {MAX_BRANCHES} branches")
     participants = set(known)
     seen: set[str] = set()
+    by_caller = 0
     for i, branch in enumerate(branches):
+        by_caller += branch.prepared_by_caller
+        if by_caller > 1:
+            raise InvalidArgument(
+                f"branches[{i}].prepared_by_caller: at most one branch, the caller's own"
+            )
         if not BRANCH_PATTERN.match(branch.branch):
             raise InvalidArgument(
                 f"branches[{i}].branch: {branch.branch!r} must match [a-z0-9_-]{{1,40}}"
@@ -140,6 +164,17 @@ def owes_phase_two(branch: BranchRecord, decision: Decision) -> bool:
     # A branch that voted no holds nothing. Any other may hold a prepared
     # transaction (even one whose prepare "failed": the reply may have been lost).
     return branch.state in (BranchState.PENDING, BranchState.PREPARED, BranchState.FAILED)
+
+
+def delegate_to_caller(branches: Iterable[BranchRecord]) -> None:
+    """The decision is about to go back to the caller: its own branch is its to apply.
+
+    Only the inline run calls this, as it answers; a recovering coordinator has
+    no caller to answer and drives that branch like any other.
+    """
+    for branch in branches:
+        if branch.by_caller and branch.state is BranchState.PREPARED:
+            branch.state = BranchState.DELEGATED
 
 
 def settled_state(decision: Decision) -> BranchState:

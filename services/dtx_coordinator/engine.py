@@ -10,6 +10,15 @@ retried forever.
 
 Deciding is a conditional write (``decision IS NULL``), so when an inline run
 and a recovering replica race, the first decision wins and the other follows it.
+
+A caller that is itself a participant (orders, whose branch confirms the
+order) may prepare its own branch before asking (``prepared_by_caller``): the
+coordinator then neither prepares it nor, inline, sends it phase two — the
+answer carries the decision and the caller applies it locally, two calls
+fewer per transaction. Nothing is lost if the caller dies first: the log has
+the decision, and the caller's reaper asks GetOutcome for its prepared branch;
+a recovering coordinator, which has no caller to answer, drives the branch
+like any other.
 """
 
 from __future__ import annotations
@@ -30,6 +39,7 @@ from dtx_coordinator.domain import (
     GlobalTransaction,
     State,
     decide,
+    delegate_to_caller,
     driving_state,
     final_state,
     owes_phase_two,
@@ -103,9 +113,7 @@ class Engine:
                 f"timeout_ms: {timeout_ms} is below the prepare timeout"
                 f" {policy.timeouts.prepare_ms}"
             )
-        records = [
-            BranchRecord(b.branch, b.participant, b.operation.SerializeToString()) for b in branches
-        ]
+        records = [BranchRecord.of_request(b) for b in branches]
         if gid in self.local:
             return await self._await_existing(gid, timeout_ms)
         self.local.add(gid)
@@ -124,6 +132,7 @@ class Engine:
             await failpoint("coordinator.before_decision")
             await self._decide(txn, decision, reason, policy)
             await failpoint("coordinator.after_decision")
+            delegate_to_caller(txn.branches)  # the answer carries the decision to the caller
             await self._settle(txn, policy)
             return txn
         finally:
@@ -144,7 +153,10 @@ class Engine:
             await asyncio.sleep(0.05)
 
     async def _prepare_all(self, txn: GlobalTransaction, policy: TransactionPolicy) -> None:
-        await asyncio.gather(*(self._prepare(txn.gid, b, policy) for b in txn.branches))
+        # The caller's own branch is prepared already (it voted yes by asking).
+        await asyncio.gather(
+            *(self._prepare(txn.gid, b, policy) for b in txn.branches if not b.by_caller)
+        )
 
     async def _prepare(self, gid: str, branch: BranchRecord, policy: TransactionPolicy) -> None:
         operation = participant_pb2.BranchOperation.FromString(branch.operation)

@@ -334,9 +334,12 @@ PARTICIPANT_PAYMENTS = "payments"
 PARTICIPANT_INVENTORY = "inventory"
 
 
+ORDER_BRANCH = "order"
+
+
 def _order_branch(order: NewOrder) -> transactions_pb2.Branch:
     return transactions_pb2.Branch(
-        branch="order",
+        branch=ORDER_BRANCH,
         participant=PARTICIPANT_ORDERS,
         operation=participant_pb2.BranchOperation(
             confirm_order=participant_pb2.ConfirmOrderOperation(order_id=str(order.id))
@@ -375,8 +378,19 @@ def _stock_branch(order: NewOrder) -> transactions_pb2.Branch:
 
 
 def two_phase_branches(order: NewOrder) -> list[transactions_pb2.Branch]:
-    """The order's own confirmation, the charge and the reservation, prepared together."""
-    return [_order_branch(order), _payment_branch(order), _stock_branch(order)]
+    """The order's own confirmation, the charge and the reservation, prepared together.
+
+    Orders prepares its own branch before it asks the coordinator
+    (``prepared_by_caller``) and applies the decision to it from the answer.
+    """
+    own = _order_branch(order)
+    own.prepared_by_caller = True
+    return [own, _payment_branch(order), _stock_branch(order)]
+
+
+def own_branch(order: NewOrder) -> transactions_pb2.Branch:
+    """The order's confirmation: the branch orders prepares and settles itself."""
+    return _order_branch(order)
 
 
 def uncoordinated_branches(order: NewOrder) -> list[transactions_pb2.Branch]:

@@ -35,6 +35,7 @@ from dtx.v1 import (
     payments_pb2_grpc,
     saga_pb2,
     saga_pb2_grpc,
+    transactions_pb2,
 )
 from dtx_orders import domain, storage
 from dtx_orders.domain import NewOrder, OrderRequest, Protocol, Settlement, Status
@@ -48,7 +49,9 @@ from dtx_runtime.errors import (
     ServiceError,
     Unavailable,
 )
+from dtx_runtime.failpoints import failpoint
 from dtx_runtime.outbox import notify_committed
+from dtx_runtime.participant import Barrier
 from dtx_runtime.rpc import Context, rpc
 
 log = logging.getLogger(__name__)
@@ -131,6 +134,7 @@ class OrdersServicer(orders_pb2_grpc.OrdersServicer):
         self,
         pool: asyncpg.Pool,
         remotes: Remotes,
+        barrier: Barrier,
         *,
         transaction_timeout_ms: int,
         transaction_call_s: float,
@@ -140,6 +144,7 @@ class OrdersServicer(orders_pb2_grpc.OrdersServicer):
     ) -> None:
         self._pool = pool
         self._remotes = remotes
+        self._barrier = barrier
         self._currencies = AccountCurrencies()
         self._prices_seen = ProductPrices(price_cache_s)
         self._transaction_timeout_ms = transaction_timeout_ms
@@ -280,6 +285,17 @@ class OrdersServicer(orders_pb2_grpc.OrdersServicer):
         return settled if settled is not None else await self._reread(order.id, row)
 
     async def _run_two_phase(self, order: NewOrder) -> Settlement | None:
+        """Prepare the order's own branch here, have the coordinator run the rest, apply its word.
+
+        Preparing locally spares the coordinator a Prepare and a Commit to this
+        very service. Whatever goes wrong between the two, the branch is never
+        left to chance: the coordinator's log has the decision (or presumes an
+        abort), and the reaper asks for it about a branch still prepared.
+        """
+        own = domain.own_branch(order)
+        vote = await self._barrier.prepare(order.gid, own.branch, own.operation)
+        if not vote.yes:  # nothing is prepared anywhere: no global transaction
+            return Settlement(Status.REJECTED, f"{own.branch}: {vote.reason}")
         request = coordinator_pb2.RunTransactionRequest(
             gid=order.gid,
             branches=domain.two_phase_branches(order),
@@ -290,13 +306,24 @@ class OrdersServicer(orders_pb2_grpc.OrdersServicer):
                 request, timeout=self._transaction_call_s
             )
         except grpc.aio.AioRpcError as exc:
-            # Whatever happened, the coordinator's log decides; the reconciler reads it.
+            # Whatever happened, the coordinator's log decides; the reaper and the
+            # reconciler read it.
             log.warning(
                 "order %s left PENDING: RunTransaction failed with %s: %s",
                 order.id,
                 exc.code().name,
                 exc.details(),
             )
+            return None
+        await failpoint("orders.before_own_phase_two")
+        outcome = reply.transaction.outcome
+        try:
+            if outcome == transactions_pb2.OUTCOME_COMMITTED:
+                await self._barrier.commit(order.gid, own.branch)
+            elif outcome == transactions_pb2.OUTCOME_ABORTED:
+                await self._barrier.abort(order.gid, own.branch)
+        except Exception as exc:  # the database: the reaper applies the decision later
+            log.warning("order %s left PENDING: its own branch not settled: %r", order.id, exc)
             return None
         return domain.settle_two_phase(reply.transaction)
 

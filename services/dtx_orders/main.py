@@ -44,10 +44,13 @@ async def setup(ctx: ServiceContext[OrdersSettings]) -> None:
             ),
         },
     )
+    barrier = wire_participant(ctx, ConfirmOrderManager())
+    wire_outbox(ctx, barrier)
     orders_pb2_grpc.add_OrdersServicer_to_server(
         OrdersServicer(
             ctx.db,
             remotes,
+            barrier,
             transaction_timeout_ms=settings.transaction_timeout_ms,
             transaction_call_s=settings.transaction_call_seconds,
             lookup_timeout_s=settings.lookup_timeout_seconds,
@@ -56,8 +59,6 @@ async def setup(ctx: ServiceContext[OrdersSettings]) -> None:
         ),
         ctx.server,
     )
-    barrier = wire_participant(ctx, ConfirmOrderManager())
-    wire_outbox(ctx, barrier)
     pool = ctx.db
     lookup = RemoteLookup(remotes.coordinator, remotes.saga, settings.lookup_timeout_seconds)
     ctx.run_in_background(

@@ -200,6 +200,10 @@ def validate_steps(
             )
         if not step.operation.WhichOneof("kind"):
             raise InvalidArgument(f"steps[{i}].operation: no operation given")
+        if step.prepared_by_caller:
+            raise InvalidArgument(
+                f"steps[{i}].prepared_by_caller: only a two-phase-commit branch can be"
+            )
 
 
 def records_of(steps: Sequence[transactions_pb2.Branch]) -> list[StepRecord]:

@@ -61,11 +61,16 @@ async def test_commit_reaches_all_three_databases(stack: Stack) -> None:
         transactions_pb2.GetTransactionRequest(gid=order.gid), timeout=5
     )
     assert txn.state == transactions_pb2.TRANSACTION_STATE_COMMITTED
+    # Orders prepared its own branch and committed it from the answer.
     assert {b.branch: b.state for b in txn.branches} == {
-        "order": "committed",
+        "order": "delegated",
         "payment": "committed",
         "stock": "committed",
     }
+    prepares = await stack.fetch(
+        "orders", "SELECT outcome FROM dtx_barrier WHERE gid = $1 AND op = 'prepare'", order.gid
+    )
+    assert [r["outcome"] for r in prepares] == ["prepared"]
 
 
 async def test_a_no_vote_rolls_everything_back(stack: Stack) -> None:
@@ -228,3 +233,22 @@ async def test_participant_killed_after_prepare_recovers_consistent(stack: Stack
     assert order.status in (orders_pb2.ORDER_STATUS_FAILED, orders_pb2.ORDER_STATUS_REJECTED)
     assert list((await balances(stack)).values()) == [10_000]
     assert await stock(stack) == {"WIDGET": (10, 0)}
+
+
+async def test_orders_killed_after_its_own_prepare_aborts_everything(stack: Stack) -> None:
+    order = await _crash_and_recover(stack, "participant.after_prepare", "orders")
+    # Orders died before it asked the coordinator: its reaper finds the order's
+    # branch prepared, GetOutcome presumes (and records) an abort, the
+    # reconciler settles the order; payments and inventory never heard of it.
+    assert order.status == orders_pb2.ORDER_STATUS_FAILED
+    assert list((await balances(stack)).values()) == [10_000]
+    assert await stock(stack) == {"WIDGET": (10, 0)}
+
+
+async def test_orders_killed_before_applying_a_commit_confirms_on_restart(stack: Stack) -> None:
+    order = await _crash_and_recover(stack, "orders.before_own_phase_two", "orders")
+    # The coordinator committed and answered; orders died before committing its
+    # own branch. The restarted reaper asks GetOutcome and commits it.
+    assert order.status == orders_pb2.ORDER_STATUS_CONFIRMED
+    assert list((await balances(stack)).values()) == [9_500]
+    assert await stock(stack) == {"WIDGET": (8, 2)}

@@ -13,6 +13,7 @@ from dtx_coordinator.domain import (
     Decision,
     State,
     decide,
+    delegate_to_caller,
     outcome_of,
     owes_phase_two,
     validate_request,
@@ -130,3 +131,40 @@ def test_presumed_abort_outcomes() -> None:
 def test_branch_records_round_trip_through_the_log_json() -> None:
     original = BranchRecord("payment", "payments", b"\x00\x01op", BranchState.NO, "why", 3)
     assert BranchRecord.from_json(original.to_json()) == original
+
+
+def own(name: str = "order") -> transactions_pb2.Branch:
+    mine = branch(name, "orders")
+    mine.prepared_by_caller = True
+    return mine
+
+
+def test_the_callers_own_branch_is_logged_prepared_and_at_most_one() -> None:
+    validate_request("g", [own(), branch("payment")], KNOWN)
+    record = BranchRecord.of_request(own())
+    assert (record.state, record.by_caller) == (BranchState.PREPARED, True)
+    assert BranchRecord.of_request(branch("payment")).state is BranchState.PENDING
+    with pytest.raises(InvalidArgument, match=r"branches\[1\]\.prepared_by_caller: at most one"):
+        validate_request("g", [own("a"), own("b")], KNOWN)
+
+
+def test_a_delegated_branch_owes_the_coordinator_no_phase_two() -> None:
+    records = [BranchRecord.of_request(own()), BranchRecord.of_request(branch("payment"))]
+    records[1].state = BranchState.PREPARED
+    assert decide(records) == (Decision.COMMIT, "")
+    delegate_to_caller(records)
+    assert [r.state for r in records] == [BranchState.DELEGATED, BranchState.PREPARED]
+    for decision in Decision:
+        assert not owes_phase_two(records[0], decision)
+    assert owes_phase_two(records[1], Decision.COMMIT)
+    # A log row written before delegation is driven by recovery like any branch.
+    logged = BranchRecord.from_json(BranchRecord.of_request(own()).to_json())
+    assert logged.by_caller
+    assert owes_phase_two(logged, Decision.COMMIT)
+    assert owes_phase_two(logged, Decision.ABORT)
+
+
+def test_log_rows_from_before_the_caller_flag_read_as_not_the_callers() -> None:
+    data = BranchRecord("payment", "payments", b"op").to_json()
+    del data["by_caller"]
+    assert BranchRecord.from_json(data).by_caller is False

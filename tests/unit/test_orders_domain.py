@@ -295,6 +295,9 @@ def test_two_phase_branches() -> None:
         ("stock", "inventory"),
     ]
     assert branches[0].operation.confirm_order.order_id == str(order.id)
+    # Orders prepares its own branch; the coordinator prepares the others.
+    assert [b.prepared_by_caller for b in branches] == [True, False, False]
+    assert domain.own_branch(order).operation == branches[0].operation
     charge = branches[1].operation.charge
     assert (charge.account_id, charge.amount_minor, charge.currency, charge.order_id) == (
         ACCOUNT,

@@ -27,31 +27,31 @@ from dtx.v1 import participant_pb2 as dtx_dot_v1_dot_participant__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x64tx/v1/transactions.proto\x12\x06\x64tx.v1\x1a\x13\x64tx/v1/common.proto\x1a\x18\x64tx/v1/participant.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"Y\n\x06\x42ranch\x12\x0e\n\x06\x62ranch\x18\x01 \x01(\t\x12\x13\n\x0bparticipant\x18\x02 \x01(\t\x12*\n\toperation\x18\x03 \x01(\x0b\x32\x17.dtx.v1.BranchOperation\"x\n\rBranchAttempt\x12\x0e\n\x06\x61\x63tion\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12\x0e\n\x06result\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x04 \x01(\t\x12&\n\x02\x61t\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"{\n\x0c\x42ranchStatus\x12\x0e\n\x06\x62ranch\x18\x01 \x01(\t\x12\x13\n\x0bparticipant\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\'\n\x08\x61ttempts\x18\x05 \x03(\x0b\x32\x15.dtx.v1.BranchAttempt\"\xe1\x02\n\x0bTransaction\x12\x0b\n\x03gid\x18\x01 \x01(\t\x12\"\n\x08protocol\x18\x02 \x01(\x0e\x32\x10.dtx.v1.Protocol\x12\'\n\x05state\x18\x03 \x01(\x0e\x32\x18.dtx.v1.TransactionState\x12 \n\x07outcome\x18\x04 \x01(\x0e\x32\x0f.dtx.v1.Outcome\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x10\n\x08\x61ttempts\x18\x06 \x01(\x05\x12.\n\ncreated_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x64\x65\x61\x64line\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12&\n\x08\x62ranches\x18\n \x03(\x0b\x32\x14.dtx.v1.BranchStatus\"$\n\x15GetTransactionRequest\x12\x0b\n\x03gid\x18\x01 \x01(\t\"Q\n\x17ListTransactionsRequest\x12\'\n\x05state\x18\x01 \x01(\x0e\x32\x18.dtx.v1.TransactionState\x12\r\n\x05limit\x18\x02 \x01(\x05\"E\n\x18ListTransactionsResponse\x12)\n\x0ctransactions\x18\x01 \x03(\x0b\x32\x13.dtx.v1.Transaction\">\n\x10InterveneRequest\x12\x0b\n\x03gid\x18\x01 \x01(\t\x12\r\n\x05\x61\x63tor\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t*\x89\x03\n\x10TransactionState\x12!\n\x1dTRANSACTION_STATE_UNSPECIFIED\x10\x00\x12\x1f\n\x1bTRANSACTION_STATE_PREPARING\x10\x01\x12 \n\x1cTRANSACTION_STATE_COMMITTING\x10\x02\x12\x1e\n\x1aTRANSACTION_STATE_ABORTING\x10\x03\x12\x1f\n\x1bTRANSACTION_STATE_COMMITTED\x10\x04\x12\x1d\n\x19TRANSACTION_STATE_ABORTED\x10\x05\x12\x1d\n\x19TRANSACTION_STATE_RUNNING\x10\x06\x12\"\n\x1eTRANSACTION_STATE_COMPENSATING\x10\x07\x12\x1f\n\x1bTRANSACTION_STATE_COMPLETED\x10\x08\x12!\n\x1dTRANSACTION_STATE_COMPENSATED\x10\t\x12(\n$TRANSACTION_STATE_NEEDS_INTERVENTION\x10\n*c\n\x07Outcome\x12\x17\n\x13OUTCOME_UNSPECIFIED\x10\x00\x12\x13\n\x0fOUTCOME_PENDING\x10\x01\x12\x15\n\x11OUTCOME_COMMITTED\x10\x02\x12\x13\n\x0fOUTCOME_ABORTED\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x64tx/v1/transactions.proto\x12\x06\x64tx.v1\x1a\x13\x64tx/v1/common.proto\x1a\x18\x64tx/v1/participant.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"u\n\x06\x42ranch\x12\x0e\n\x06\x62ranch\x18\x01 \x01(\t\x12\x13\n\x0bparticipant\x18\x02 \x01(\t\x12*\n\toperation\x18\x03 \x01(\x0b\x32\x17.dtx.v1.BranchOperation\x12\x1a\n\x12prepared_by_caller\x18\x04 \x01(\x08\"x\n\rBranchAttempt\x12\x0e\n\x06\x61\x63tion\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12\x0e\n\x06result\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x04 \x01(\t\x12&\n\x02\x61t\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"{\n\x0c\x42ranchStatus\x12\x0e\n\x06\x62ranch\x18\x01 \x01(\t\x12\x13\n\x0bparticipant\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\'\n\x08\x61ttempts\x18\x05 \x03(\x0b\x32\x15.dtx.v1.BranchAttempt\"\xe1\x02\n\x0bTransaction\x12\x0b\n\x03gid\x18\x01 \x01(\t\x12\"\n\x08protocol\x18\x02 \x01(\x0e\x32\x10.dtx.v1.Protocol\x12\'\n\x05state\x18\x03 \x01(\x0e\x32\x18.dtx.v1.TransactionState\x12 \n\x07outcome\x18\x04 \x01(\x0e\x32\x0f.dtx.v1.Outcome\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x10\n\x08\x61ttempts\x18\x06 \x01(\x05\x12.\n\ncreated_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x64\x65\x61\x64line\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12&\n\x08\x62ranches\x18\n \x03(\x0b\x32\x14.dtx.v1.BranchStatus\"$\n\x15GetTransactionRequest\x12\x0b\n\x03gid\x18\x01 \x01(\t\"Q\n\x17ListTransactionsRequest\x12\'\n\x05state\x18\x01 \x01(\x0e\x32\x18.dtx.v1.TransactionState\x12\r\n\x05limit\x18\x02 \x01(\x05\"E\n\x18ListTransactionsResponse\x12)\n\x0ctransactions\x18\x01 \x03(\x0b\x32\x13.dtx.v1.Transaction\">\n\x10InterveneRequest\x12\x0b\n\x03gid\x18\x01 \x01(\t\x12\r\n\x05\x61\x63tor\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t*\x89\x03\n\x10TransactionState\x12!\n\x1dTRANSACTION_STATE_UNSPECIFIED\x10\x00\x12\x1f\n\x1bTRANSACTION_STATE_PREPARING\x10\x01\x12 \n\x1cTRANSACTION_STATE_COMMITTING\x10\x02\x12\x1e\n\x1aTRANSACTION_STATE_ABORTING\x10\x03\x12\x1f\n\x1bTRANSACTION_STATE_COMMITTED\x10\x04\x12\x1d\n\x19TRANSACTION_STATE_ABORTED\x10\x05\x12\x1d\n\x19TRANSACTION_STATE_RUNNING\x10\x06\x12\"\n\x1eTRANSACTION_STATE_COMPENSATING\x10\x07\x12\x1f\n\x1bTRANSACTION_STATE_COMPLETED\x10\x08\x12!\n\x1dTRANSACTION_STATE_COMPENSATED\x10\t\x12(\n$TRANSACTION_STATE_NEEDS_INTERVENTION\x10\n*c\n\x07Outcome\x12\x17\n\x13OUTCOME_UNSPECIFIED\x10\x00\x12\x13\n\x0fOUTCOME_PENDING\x10\x01\x12\x15\n\x11OUTCOME_COMMITTED\x10\x02\x12\x13\n\x0fOUTCOME_ABORTED\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'dtx.v1.transactions_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TRANSACTIONSTATE']._serialized_start=1068
-  _globals['_TRANSACTIONSTATE']._serialized_end=1461
-  _globals['_OUTCOME']._serialized_start=1463
-  _globals['_OUTCOME']._serialized_end=1562
+  _globals['_TRANSACTIONSTATE']._serialized_start=1096
+  _globals['_TRANSACTIONSTATE']._serialized_end=1489
+  _globals['_OUTCOME']._serialized_start=1491
+  _globals['_OUTCOME']._serialized_end=1590
   _globals['_BRANCH']._serialized_start=117
-  _globals['_BRANCH']._serialized_end=206
-  _globals['_BRANCHATTEMPT']._serialized_start=208
-  _globals['_BRANCHATTEMPT']._serialized_end=328
-  _globals['_BRANCHSTATUS']._serialized_start=330
-  _globals['_BRANCHSTATUS']._serialized_end=453
-  _globals['_TRANSACTION']._serialized_start=456
-  _globals['_TRANSACTION']._serialized_end=809
-  _globals['_GETTRANSACTIONREQUEST']._serialized_start=811
-  _globals['_GETTRANSACTIONREQUEST']._serialized_end=847
-  _globals['_LISTTRANSACTIONSREQUEST']._serialized_start=849
-  _globals['_LISTTRANSACTIONSREQUEST']._serialized_end=930
-  _globals['_LISTTRANSACTIONSRESPONSE']._serialized_start=932
-  _globals['_LISTTRANSACTIONSRESPONSE']._serialized_end=1001
-  _globals['_INTERVENEREQUEST']._serialized_start=1003
-  _globals['_INTERVENEREQUEST']._serialized_end=1065
+  _globals['_BRANCH']._serialized_end=234
+  _globals['_BRANCHATTEMPT']._serialized_start=236
+  _globals['_BRANCHATTEMPT']._serialized_end=356
+  _globals['_BRANCHSTATUS']._serialized_start=358
+  _globals['_BRANCHSTATUS']._serialized_end=481
+  _globals['_TRANSACTION']._serialized_start=484
+  _globals['_TRANSACTION']._serialized_end=837
+  _globals['_GETTRANSACTIONREQUEST']._serialized_start=839
+  _globals['_GETTRANSACTIONREQUEST']._serialized_end=875
+  _globals['_LISTTRANSACTIONSREQUEST']._serialized_start=877
+  _globals['_LISTTRANSACTIONSREQUEST']._serialized_end=958
+  _globals['_LISTTRANSACTIONSRESPONSE']._serialized_start=960
+  _globals['_LISTTRANSACTIONSRESPONSE']._serialized_end=1029
+  _globals['_INTERVENEREQUEST']._serialized_start=1031
+  _globals['_INTERVENEREQUEST']._serialized_end=1093
 # @@protoc_insertion_point(module_scope)

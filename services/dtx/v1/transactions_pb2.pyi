@@ -93,9 +93,18 @@ class Branch(_message.Message):
     BRANCH_FIELD_NUMBER: _builtins.int
     PARTICIPANT_FIELD_NUMBER: _builtins.int
     OPERATION_FIELD_NUMBER: _builtins.int
+    PREPARED_BY_CALLER_FIELD_NUMBER: _builtins.int
     branch: _builtins.str
     participant: _builtins.str
     """The participant's name, resolved to an endpoint by the policy."""
+    prepared_by_caller: _builtins.bool
+    """Two-phase commit only: the caller is this branch's participant and has
+    already prepared it (a yes vote). The coordinator does not prepare it and,
+    when it answers RunTransaction with a decision, leaves that decision to the
+    caller to apply (the branch is then "delegated"); a coordinator recovering
+    the transaction drives it like any other branch, and the participant's
+    reaper asks GetOutcome for one left prepared. At most one per transaction.
+    """
     @_builtins.property
     def operation(self) -> _participant_pb2.BranchOperation: ...
     def __init__(
@@ -104,10 +113,11 @@ class Branch(_message.Message):
         branch: _builtins.str = ...,
         participant: _builtins.str = ...,
         operation: _participant_pb2.BranchOperation | None = ...,
+        prepared_by_caller: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["operation", b"operation"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["branch", b"branch", "operation", b"operation", "participant", b"participant"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["branch", b"branch", "operation", b"operation", "participant", b"participant", "prepared_by_caller", b"prepared_by_caller"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
