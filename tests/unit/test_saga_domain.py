@@ -64,6 +64,11 @@ def saga_of(*states: StepState, state: State = State.RUNNING) -> Saga:
 # -- validation -------------------------------------------------------------
 
 
+def _own(branch: transactions_pb2.Branch) -> transactions_pb2.Branch:
+    branch.prepared_by_caller = True
+    return branch
+
+
 def test_a_valid_request_passes() -> None:
     validate_steps("g-1", [step("charge"), step("reserve", "inventory")], KNOWN)
 
@@ -79,6 +84,7 @@ def test_a_valid_request_passes() -> None:
         ("g", [step("Bad")], "steps[0].branch"),
         ("g", [step("a", "bank")], "steps[0].participant: unknown participant 'bank'"),
         ("g", [transactions_pb2.Branch(branch="a", participant="orders")], "steps[0].operation"),
+        ("g", [_own(step("a"))], "steps[0].prepared_by_caller: only a two-phase-commit branch"),
     ],
 )
 def test_malformed_requests_name_the_field(
