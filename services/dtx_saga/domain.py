@@ -42,8 +42,12 @@ step before the pivot is done (:func:`at_pivot`), the saga only goes forward:
 Before the pivot, the deadline passing or the rounds running out with
 ``onExhausted=Abort`` turn the saga back as usual. Only a person's AbortSaga
 can turn back a saga at its pivot; the pivot is then owed a Compensate like
-any step whose outcome is unknown, and a participant whose effect is final
-refuses it (FAILED_PRECONDITION), which parks the saga at once.
+any step whose outcome is unknown. A participant whose effect is final
+refuses it (FAILED_PRECONDITION): the pivot ran, so every step before it had
+run, and compensation goes in reverse, so nothing was undone yet — the saga's
+effects stand, and it goes forward to COMPLETED (:func:`effects_stand`,
+:func:`complete_past_pivot`) rather than waiting for a person who could only
+choose the same.
 
 A saga read back from the log (``Saga.may_lag``) may be more than one step
 behind its participants: a step's *done* is a lazy write, and a PostgreSQL
@@ -317,6 +321,32 @@ def begin_compensation(saga: Saga, reason: str) -> None:
     saga.state = State.COMPENSATING
     saga.direction = Direction.BACKWARD
     saga.reason = saga.reason or reason
+    saga.parked_reason = ""
+    saga.attempts = 0
+
+
+def effects_stand(saga: Saga, index: int) -> bool:
+    """Whether a *final* refusal to compensate step ``index`` means the saga must complete.
+
+    Only the pivot's: a participant refuses to undo it only when it ran and its
+    effect is final, it was only sent once every step before it was done, and
+    the reverse order compensates it first, so none of those was undone yet.
+    """
+    return index == len(saga.steps) - 1 and all(
+        step.state in OWES_COMPENSATION for step in saga.steps[:index]
+    )
+
+
+def complete_past_pivot(saga: Saga, why: str) -> None:
+    """Turn a saga whose pivot's effect stands forward again: every step is done."""
+    for step in saga.steps:
+        step.state, step.reason = StepState.DONE, ""
+    turned_back = saga.reason
+    saga.state = State.RUNNING
+    saga.direction = Direction.FORWARD
+    saga.reason = f"{why}; it completes" + (
+        f" (it had turned back: {turned_back})" if turned_back else ""
+    )
     saga.parked_reason = ""
     saga.attempts = 0
 

@@ -37,7 +37,9 @@ holds for a recovering orchestrator too: a saga whose cursor is at the pivot
 is executed again, never compensated, because the barrier answers the
 repeated Execute with its first answer. Only the pivot's own refusal turns
 the saga back from there (the earlier steps are compensated, the pivot is
-not), or a person's AbortSaga.
+not), or a person's AbortSaga. Should the pivot's Compensate then be refused
+because its effect is final (a confirmed order), the saga completes instead:
+nothing had been undone yet (``domain.effects_stand``).
 
 A saga claimed by recovery is driven from its log, which a PostgreSQL crash
 can leave several steps behind; when it turns back, every step the log shows
@@ -81,6 +83,8 @@ from dtx_saga.domain import (
     backward_verdict,
     begin_compensation,
     compensation_plan,
+    complete_past_pivot,
+    effects_stand,
     forward_verdict,
     next_forward,
     park,
@@ -335,7 +339,14 @@ class Engine:
     async def _backward(self, saga: Saga, policy: TransactionPolicy) -> tuple[RoundEnd, int]:
         for index in compensation_plan(saga.steps):
             step = saga.steps[index]
-            failure, definitive = await self._compensate(saga.gid, step, policy)
+            failure, definitive, final = await self._compensate(saga.gid, step, policy)
+            if final and effects_stand(saga, index):
+                complete_past_pivot(saga, f"{step.step}: its effect is final ({failure})")
+                log.warning("saga %s cannot be undone: %s", saga.gid, saga.reason)
+                metrics.PIVOT_STOOD.inc()
+                forward = await self._forward(saga, policy, time.monotonic())
+                assert forward is not None  # every step is done: nothing left to turn back
+                return forward
             if failure is None:
                 step.state = StepState.COMPENSATED
                 if not await self.log.save(saga, owner=self.owner, lease_ms=self.lease_ms(policy)):
@@ -417,8 +428,12 @@ class Engine:
 
     async def _compensate(
         self, gid: str, step: StepRecord, policy: TransactionPolicy
-    ) -> tuple[str | None, bool]:
-        """Compensate one step: (None, _) when acknowledged, else (why, whether final)."""
+    ) -> tuple[str | None, bool, bool]:
+        """Compensate one step: (None, ...) when acknowledged, else why it failed.
+
+        Also whether no retry can change the answer (a refusal) and whether the
+        participant refused because the step's effect is final (FAILED_PRECONDITION).
+        """
         request = participant_pb2.CompensateRequest(gid=gid, branch=step.step)
 
         async def attempt(timeout: float) -> participant_pb2.CompensateResponse:
@@ -427,7 +442,7 @@ class Engine:
 
         started = time.perf_counter()
         failure: str | None = None
-        definitive = False
+        definitive = final = False
         try:
             await call_with_retries(
                 attempt,
@@ -439,12 +454,13 @@ class Engine:
         except grpc.aio.AioRpcError as exc:
             detail = f"{exc.code().name}: {exc.details() or ''}".strip(": ")
             failure, definitive = f"compensate failed: {detail}", exc.code() in REFUSALS
+            final = exc.code() == grpc.StatusCode.FAILED_PRECONDITION
         except Unavailable as exc:
             failure = f"compensate failed: {exc}"
         finally:
             metrics.STEP_SECONDS.labels("compensate").observe(time.perf_counter() - started)
         metrics.STEPS.labels(step.step, "compensate", "ok" if failure is None else "failed").inc()
-        return failure, definitive
+        return failure, definitive, final
 
     def _recorder(self, gid: str, step: StepRecord, action: str) -> OnError:
         async def record(_: int, exc: grpc.aio.AioRpcError) -> None:

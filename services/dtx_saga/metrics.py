@@ -36,6 +36,10 @@ COMPENSATIONS = Counter(
     "Sagas that turned back to compensate, by cause (refused, exhausted, deadline, aborted).",
     ["cause"],
 )
+PIVOT_STOOD = Counter(
+    "dtx_saga_pivot_stood_total",
+    "Sagas that turned back but completed: their pivot's effect was final, nothing undone yet.",
+)
 
 __all__ = [
     "COMPENSATIONS",
@@ -44,6 +48,7 @@ __all__ = [
     "NEEDS_INTERVENTION",
     "OLDEST_UNFINISHED",
     "PHASE_SECONDS",
+    "PIVOT_STOOD",
     "PROTOCOL",
     "RETRIES",
     "STEPS",

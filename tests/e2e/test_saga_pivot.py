@@ -138,7 +138,7 @@ async def steps_of(stack: Stack, gid: str) -> tuple[str, str, dict[str, str]]:
     return row["state"], row["direction"], json.loads(row["steps"])
 
 
-async def test_a_late_confirmation_past_the_deadline_completes_and_abort_is_refused(
+async def test_a_late_confirmation_past_the_deadline_completes_even_when_aborted(
     stack: Stack,
 ) -> None:
     accounts = await stack.seed(2, 10_000, {"APPLE": (100, 50)})
@@ -167,18 +167,25 @@ async def test_a_late_confirmation_past_the_deadline_completes_and_abort_is_refu
         )
 
     # A person turns y back: the orders participant refuses to compensate a
-    # confirmed order, and the saga is parked at once, the order still confirmed.
+    # confirmed order (its effect is final), so nothing can be undone and the
+    # saga completes instead, the order still confirmed.
     aborted = await saga_stub(stack).AbortSaga(
         T.InterveneRequest(gid=y.gid, actor="ops", reason="customer asked"), timeout=10
     )
     assert aborted.state == T.TRANSACTION_STATE_COMPENSATING
-    parked = await wait_saga(stack, y.gid, {T.TRANSACTION_STATE_NEEDS_INTERVENTION})
-    assert parked.reason.startswith("order: compensate failed: FAILED_PRECONDITION:"), parked
-    assert f"order {y.id} is CONFIRMED, and a confirmed order is final" in parked.reason
+    stood = await wait_saga(
+        stack,
+        y.gid,
+        {T.TRANSACTION_STATE_COMPLETED, T.TRANSACTION_STATE_NEEDS_INTERVENTION},
+    )
+    assert stood.state == T.TRANSACTION_STATE_COMPLETED, stood
+    assert stood.reason.startswith("order: its effect is final"), stood.reason
+    assert f"order {y.id} is CONFIRMED, and a confirmed order is final" in stood.reason
+    assert "it had turned back: aborted by ops: customer asked" in stood.reason
     assert await steps_of(stack, y.gid) == (
-        "NEEDS_INTERVENTION",
-        "backward",
-        {"stock": "done", "payment": "done", "order": "failed"},
+        "COMPLETED",
+        "forward",
+        {"stock": "done", "payment": "done", "order": "done"},
     )
 
     # The participant answers in time again: x's next round completes it.
@@ -196,7 +203,7 @@ async def test_a_late_confirmation_past_the_deadline_completes_and_abort_is_refu
         {"stock": "done", "payment": "done", "order": "done"},
     )
     still = await saga_stub(stack).GetSaga(T.GetTransactionRequest(gid=y.gid), timeout=5)
-    assert still.state == T.TRANSACTION_STATE_NEEDS_INTERVENTION
+    assert still.state == T.TRANSACTION_STATE_COMPLETED
     for order in (x, y):
         await assert_confirmed_once(stack, order)
     [apple] = await stack.fetch("inventory", "SELECT available, reserved FROM products")
@@ -263,7 +270,7 @@ async def prompt_stack(run_dir: Path, new_database: Callable[[str], str]) -> Asy
         yield system
 
 
-async def test_a_lagging_log_that_hides_the_confirmation_parks_instead_of_cancelling(
+async def test_a_lagging_log_that_hides_the_confirmation_completes_instead_of_cancelling(
     prompt_stack: Stack,
 ) -> None:
     stack = prompt_stack
@@ -274,22 +281,28 @@ async def test_a_lagging_log_that_hides_the_confirmation_parks_instead_of_cancel
 
     # The log read back shows only the stock reserved: the cursor before the pivot,
     # past the deadline, so recovery turns the saga back. The confirmation it hid
-    # is asked first; orders refuses to undo it and the saga parks, nothing undone.
+    # is asked first; orders refuses to undo it (final), so nothing is undone and
+    # the saga completes again.
     assert await stack.fetch("saga", LOSE_SAVES, order.gid, 1)
+    # (The rewrite made it RUNNING: COMPLETED again only once recovery drove it.)
     saga = await wait_saga(
         stack,
         order.gid,
-        {T.TRANSACTION_STATE_COMPENSATED, T.TRANSACTION_STATE_NEEDS_INTERVENTION},
+        {
+            T.TRANSACTION_STATE_COMPLETED,
+            T.TRANSACTION_STATE_COMPENSATED,
+            T.TRANSACTION_STATE_NEEDS_INTERVENTION,
+        },
     )
-    assert saga.state == T.TRANSACTION_STATE_NEEDS_INTERVENTION, saga
-    assert saga.reason.startswith("order: compensate failed: FAILED_PRECONDITION:"), saga
+    assert saga.state == T.TRANSACTION_STATE_COMPLETED, saga
+    assert saga.reason.startswith("order: its effect is final"), saga.reason
     assert f"order {order.id} is CONFIRMED, and a confirmed order is final" in saga.reason
     assert await steps_of(stack, order.gid) == (
-        "NEEDS_INTERVENTION",
-        "backward",
-        {"stock": "done", "payment": "failed", "order": "failed"},
+        "COMPLETED",
+        "forward",
+        {"stock": "done", "payment": "done", "order": "done"},
     )
-    # Still charged and reserved: the confirmed order is whole.
+    # Still charged and reserved once: the confirmed order is whole.
     await assert_confirmed_once(stack, order)
     [apple] = await stack.fetch("inventory", "SELECT available, reserved FROM products")
     assert (apple["available"], apple["reserved"]) == (49, 1)

@@ -28,7 +28,9 @@ from dtx_saga.domain import (
     backward_verdict,
     begin_compensation,
     compensation_plan,
+    complete_past_pivot,
     cursor,
+    effects_stand,
     finish_state,
     forward_verdict,
     next_forward,
@@ -382,7 +384,7 @@ def test_a_refusal_at_the_cursor_leaves_the_refused_step_out_in_both_modes(
 
 def test_a_lagging_log_before_the_pivot_asks_the_pivot_first() -> None:
     # The log shows the cursor at s1, the pivot (s2) possibly run: its Compensate
-    # goes out before anything is undone, so a final pivot parks the saga untouched.
+    # goes out before anything is undone, so a final pivot leaves the saga untouched.
     saga = lagging(StepState.DONE, StepState.PENDING, StepState.PENDING)
     assert not at_pivot(saga.steps)
     begin_compensation(saga, "s1: the saga's deadline passed")
@@ -601,3 +603,29 @@ def test_a_parked_saga_shows_why_it_is_parked() -> None:
     assert to_proto(saga).reason == "s0: compensate failed: UNAVAILABLE (after 3 rounds)"
     retry(saga)
     assert to_proto(saga).reason == "s1: no"
+
+
+# -- a pivot whose effect is final -------------------------------------------
+
+
+def test_a_final_pivot_refused_first_means_the_saga_completes() -> None:
+    saga = lagging(StepState.DONE, StepState.PENDING, StepState.PENDING)
+    begin_compensation(saga, "s1: the saga's deadline passed")
+    assert compensation_plan(saga.steps)[0] == 2
+    assert effects_stand(saga, 2)
+    complete_past_pivot(saga, "s2: its effect is final (FAILED_PRECONDITION: confirmed)")
+    assert (saga.state, saga.direction) == (State.RUNNING, Direction.FORWARD)
+    assert [s.state for s in saga.steps] == [StepState.DONE] * 3
+    assert next_forward(saga.steps) is None
+    assert saga.reason == (
+        "s2: its effect is final (FAILED_PRECONDITION: confirmed); it completes"
+        " (it had turned back: s1: the saga's deadline passed)"
+    )
+
+
+def test_only_the_pivot_and_only_before_anything_was_undone() -> None:
+    saga = saga_of(StepState.DONE, StepState.DONE, StepState.PENDING)
+    abort(saga, "aborted by ops: x")
+    assert not effects_stand(saga, 1)  # not the pivot: a refusal there parks
+    saga.steps[1].state = StepState.COMPENSATED
+    assert not effects_stand(saga, 2)  # something was undone: a person must look
