@@ -40,6 +40,7 @@ from dtx.v1 import (
     payments_pb2_grpc,
 )
 from dtx_cli.system import LocalSystem
+from dtx_runtime.outbox import delete_topics
 
 Call = Callable[[str, dict[str, int]], Awaitable[None]]
 
@@ -270,14 +271,16 @@ async def run_bench(
     services = ["coordinator", "orders", "payments", "inventory"] + (
         ["saga"] if "saga" in paths else []
     )
+    topic_prefix = f"bench-{uuid.uuid4().hex[:6]}."
+    bootstrap: str = infra.kafka.bootstrap  # type: ignore[attr-defined]
     system = LocalSystem(
         log_dir,
         new_db,
         services=services,
         # With Kafka, so every order pays for its events: the outbox relays run.
-        kafka_bootstrap=infra.kafka.bootstrap,  # type: ignore[attr-defined]
+        kafka_bootstrap=bootstrap,
         env={
-            "DTX_KAFKA_TOPIC_PREFIX": f"bench-{uuid.uuid4().hex[:6]}.",
+            "DTX_KAFKA_TOPIC_PREFIX": topic_prefix,
             "DTX_ALLOW_UNCOORDINATED": "true",
             "DTX_LOG_LEVEL": "WARNING",
             "DTX_DB_POOL_MAX": "20",
@@ -385,6 +388,8 @@ async def run_bench(
         for name in created:
             with contextlib.suppress(Exception):
                 postgres.drop_database(name)
+        # A run's topics would otherwise stay in the broker and slow every later one.
+        await delete_topics(bootstrap, prefix=topic_prefix)
     return report
 
 

@@ -11,14 +11,26 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from aiokafka.admin import AIOKafkaAdminClient
 
 from dtx_cli.bench import run_bench
 from dtx_infra import LocalInfra
+
+
+async def bench_topics(bootstrap: str) -> set[str]:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10_000)
+    await admin.start()
+    try:
+        return {t for t in await admin.list_topics() if t.startswith("bench-")}
+    finally:
+        await admin.close()
+
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
 
 
 async def test_every_path_is_measured_without_errors(infra: LocalInfra, tmp_path: Path) -> None:
+    before = await bench_topics(infra.kafka.bootstrap)
     report = await run_bench(
         infra,
         tmp_path,
@@ -39,3 +51,5 @@ async def test_every_path_is_measured_without_errors(infra: LocalInfra, tmp_path
     assert report.results[0].ratio_to_direct == 1.0
     assert set(report.peak_rss_mb) == {"coordinator", "orders", "payments", "inventory", "saga"}
     assert all(0 < mb < 500 for mb in report.peak_rss_mb.values())
+    # The run's Kafka topics (created by its services) are gone with it.
+    assert await bench_topics(infra.kafka.bootstrap) <= before

@@ -23,7 +23,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from dtx.v1 import events_pb2, notifications_pb2, notifications_pb2_grpc, orders_pb2
-from tests.support.events import delete_topics
+from dtx_runtime.outbox import delete_topics
 from tests.support.stack import Stack
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]

@@ -12,8 +12,8 @@ import pytest
 from aiohttp import web
 
 from dtx.v1 import notifications_pb2, notifications_pb2_grpc
+from dtx_runtime.outbox import delete_topics
 from tests.e2e.test_events import TOPICS
-from tests.support.events import delete_topics
 from tests.support.stack import Stack
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]

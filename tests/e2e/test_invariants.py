@@ -27,10 +27,10 @@ import grpc
 import pytest
 
 from dtx.v1 import common_pb2, orders_pb2
+from dtx_runtime.outbox import delete_topics
 from tests.support.events import (
     ALL_TOPICS,
     OUTBOX_SERVICES,
-    delete_topics,
     lost_events,
     notification_problems,
     unsent,

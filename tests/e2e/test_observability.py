@@ -41,7 +41,7 @@ import yaml
 from dtx_cli.processes import free_port
 from dtx_gateway.auth import mint_token
 from dtx_infra.kube import REPO_ROOT, ensure_binaries
-from tests.support.events import delete_topics
+from dtx_runtime.outbox import delete_topics
 from tests.support.stack import Stack
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(3 * 3600)]

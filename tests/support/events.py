@@ -10,13 +10,11 @@ has one.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections import Counter
 from collections.abc import Iterable
 
 from aiokafka import AIOKafkaConsumer
-from aiokafka.admin import AIOKafkaAdminClient
 
 from dtx.v1 import events_pb2
 from dtx_runtime.outbox import (
@@ -138,15 +136,3 @@ async def notification_problems(stack: Stack) -> list[str]:
         if order["status"] != "PENDING" and order_id not in per_order
     ]
     return sorted(problems)
-
-
-async def delete_topics(bootstrap: str, topics: Iterable[str]) -> None:
-    """Delete those of the topics that exist; never raises (a cleanup)."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10_000)
-    with contextlib.suppress(Exception):
-        await asyncio.wait_for(admin.start(), 20)
-        existing = set(await asyncio.wait_for(admin.list_topics(), 20))
-        if gone := [t for t in topics if t in existing]:
-            await asyncio.wait_for(admin.delete_topics(gone), 20)
-    with contextlib.suppress(Exception):
-        await admin.close()

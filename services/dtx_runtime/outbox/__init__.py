@@ -20,6 +20,7 @@ from dtx_runtime.outbox.envelope import (
     build_event,
     physical_topic,
 )
+from dtx_runtime.outbox.kafka import delete_topics
 from dtx_runtime.outbox.relay import OutboxRelay, RelayOptions
 from dtx_runtime.outbox.wiring import OutboxSettings, wire_outbox
 from dtx_runtime.outbox.writer import notify_committed, write_event
@@ -39,6 +40,7 @@ __all__ = [
     "OutboxSettings",
     "RelayOptions",
     "build_event",
+    "delete_topics",
     "notify_committed",
     "physical_topic",
     "wire_outbox",

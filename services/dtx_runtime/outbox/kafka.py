@@ -1,15 +1,16 @@
 """Kafka plumbing shared by the outbox relay and the inbox consumers.
 
-A readiness probe, topic creation, and the capped exponential backoff with
+A readiness probe, topic creation and deletion, and the capped exponential backoff with
 jitter that every loop here uses when Kafka or PostgreSQL is away.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -105,3 +106,34 @@ async def ensure_topics(
         log.info("created Kafka topics %s", missing)
     finally:
         await admin.close()
+
+
+async def delete_topics(
+    bootstrap: str,
+    topics: Iterable[str] = (),
+    *,
+    prefix: str | None = None,
+    timeout_s: float = 20.0,
+) -> list[str]:
+    """Delete those of ``topics`` that exist, and with ``prefix`` every topic named so.
+
+    A cleanup (of a benchmark's or a test's own topics): it never raises, and
+    returns what it deleted. Topics left behind cost a broker memory, files and
+    time on every metadata request.
+    """
+    wanted = set(topics)
+    admin = AIOKafkaAdminClient(
+        bootstrap_servers=bootstrap, request_timeout_ms=int(timeout_s * 1000)
+    )
+    gone: list[str] = []
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(admin.start(), timeout_s)
+        existing = await asyncio.wait_for(admin.list_topics(), timeout_s)
+        gone = sorted(
+            t for t in existing if t in wanted or (prefix is not None and t.startswith(prefix))
+        )
+        if gone:
+            await asyncio.wait_for(admin.delete_topics(gone), timeout_s)
+    with contextlib.suppress(Exception):
+        await admin.close()
+    return gone
