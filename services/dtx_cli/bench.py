@@ -9,10 +9,12 @@ Paths, all through the same orders service on the same machine:
 * ``local`` — the same writes in one local transaction in one database (the
   ceiling: no network, no second database).
 
-Each path runs closed-loop at a fixed concurrency for a fixed time (its peak
-rate), then — once the overload's after-effects have passed — open-loop at half
-that rate to measure latency where the system is not saturated. Every
-service's resident memory is sampled during the load.
+Each path gets a fresh system of its own (new databases, services and Kafka
+topics, the same seeded rows), so no path inherits what an earlier one wrote.
+It runs closed-loop at a fixed concurrency for a fixed time (its peak rate),
+then — once the overload's after-effects have passed — open-loop at half that
+rate to measure latency where the system is not saturated. Every service's
+resident memory is sampled during the load.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import json
 import random
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -247,6 +249,125 @@ CREATE TABLE IF NOT EXISTS orders (id uuid PRIMARY KEY, account_id int NOT NULL,
 """
 
 
+@dataclass
+class _Fresh:
+    """One path's own system: new databases, services, topics and seeded rows."""
+
+    call: Call
+    workload: Workload
+    probe: OutboxProbe
+    every_db: list[str]
+    pids: dict[str, int]
+
+
+@contextlib.asynccontextmanager
+async def _fresh_system(
+    infra: object, log_dir: Path, path: str, concurrency: int
+) -> AsyncIterator[_Fresh]:
+    """A system of its own for one path, torn down (databases, topics) after it.
+
+    Each path starts from the same state — empty tables, a new broker topic
+    set, no history of the paths before it — so the order in which paths run
+    changes nothing.
+    """
+    postgres = infra.postgres  # type: ignore[attr-defined]
+    bootstrap: str = infra.kafka.bootstrap  # type: ignore[attr-defined]
+    topic_prefix = f"bench-{uuid.uuid4().hex[:6]}."
+    created: list[str] = []
+
+    def new_db(service: str) -> str:
+        name = f"bench_{service}_{uuid.uuid4().hex[:6]}"
+        postgres.create_database(name)
+        created.append(name)
+        dsn: str = postgres.dsn(name)
+        return dsn
+
+    accounts_n = max(ACCOUNTS, concurrency * 4)
+    skus = [f"SKU-{i:04d}" for i in range(PRODUCTS)]
+    system: LocalSystem | None = None
+    channels: list[grpc.aio.Channel] = []
+    probe: OutboxProbe | None = None
+    local_pool: asyncpg.Pool | None = None
+    try:
+        if path == "local":
+            local_dsn = new_db("local")
+            local_pool = await _local_pool(local_dsn, accounts_n, skus)
+            probe = OutboxProbe([])
+            yield _Fresh(
+                _local_call(local_pool),
+                Workload([str(i) for i in range(accounts_n)], skus),
+                probe,
+                [local_dsn],
+                {},
+            )
+            return
+        services = ["coordinator", "orders", "payments", "inventory"]
+        services += ["saga"] if path == "saga" else []
+        system = LocalSystem(
+            log_dir / path,
+            new_db,
+            services=services,
+            # With Kafka, so every order pays for its events: the outbox relays run.
+            kafka_bootstrap=bootstrap,
+            env={
+                "DTX_KAFKA_TOPIC_PREFIX": topic_prefix,
+                "DTX_ALLOW_UNCOORDINATED": "true",
+                "DTX_LOG_LEVEL": "WARNING",
+                "DTX_DB_POOL_MAX": "20",
+            },
+        ).build()
+        system.start()
+        by_service = {k: grpc.aio.insecure_channel(p.endpoint) for k, p in system.procs.items()}
+        channels = list(by_service.values())
+        payments = payments_pb2_grpc.PaymentsStub(by_service["payments"])
+        inventory = inventory_pb2_grpc.InventoryStub(by_service["inventory"])
+        orders = orders_pb2_grpc.OrdersStub(by_service["orders"])
+        accounts = [
+            (
+                await payments.CreateAccount(
+                    payments_pb2.CreateAccountRequest(
+                        owner=f"bench-{i}", currency="EUR", balance_minor=10**12
+                    ),
+                    timeout=10,
+                )
+            ).id
+            for i in range(accounts_n)
+        ]
+        for sku in skus:
+            await inventory.CreateProduct(
+                inventory_pb2.CreateProductRequest(sku=sku, name=sku, price_minor=199, stock=10**9),
+                timeout=10,
+            )
+        # The outbox is read from the databases, not from each service's /metrics:
+        # rendering a metrics page blocks a service's event loop for milliseconds,
+        # and scraping five services twice a second would show up in the very
+        # latencies being measured (Prometheus scrapes every 15 s).
+        probe = await OutboxProbe.connect(
+            [dsn for key, dsn in system.dsns.items() if key in OUTBOX_SERVICES]
+        )
+        yield _Fresh(
+            _order_call(orders, PROTOCOLS[path]),
+            Workload(accounts, skus),
+            probe,
+            list(system.dsns.values()),
+            {k: p.pid for k, p in system.procs.items() if p.pid is not None},
+        )
+    finally:
+        if probe is not None:
+            await probe.close()
+        if local_pool is not None:
+            await local_pool.close()
+        for channel in channels:
+            await channel.close(grace=None)
+        if system is not None:
+            system.stop()
+        for name in created:
+            with contextlib.suppress(Exception):
+                postgres.drop_database(name)
+        # A run's topics would otherwise stay in the broker and slow every later one.
+        await delete_topics(bootstrap, prefix=topic_prefix)
+
+
 async def run_bench(
     infra: object,
     log_dir: Path,
@@ -257,110 +378,52 @@ async def run_bench(
     progress: Callable[[str], object] = print,
     settle_pause_s: float = SETTLE_PAUSE_S,
 ) -> BenchReport:
-    """Start a fresh system on ``infra``'s PostgreSQL, load it path by path, tear it down."""
-    postgres = infra.postgres  # type: ignore[attr-defined]
-    created: list[str] = []
-
-    def new_db(service: str) -> str:
-        name = f"bench_{service}_{uuid.uuid4().hex[:6]}"
-        postgres.create_database(name)
-        created.append(name)
-        dsn: str = postgres.dsn(name)
-        return dsn
-
-    services = ["coordinator", "orders", "payments", "inventory"] + (
-        ["saga"] if "saga" in paths else []
-    )
-    topic_prefix = f"bench-{uuid.uuid4().hex[:6]}."
-    bootstrap: str = infra.kafka.bootstrap  # type: ignore[attr-defined]
-    system = LocalSystem(
-        log_dir,
-        new_db,
-        services=services,
-        # With Kafka, so every order pays for its events: the outbox relays run.
-        kafka_bootstrap=bootstrap,
-        env={
-            "DTX_KAFKA_TOPIC_PREFIX": topic_prefix,
-            "DTX_ALLOW_UNCOORDINATED": "true",
-            "DTX_LOG_LEVEL": "WARNING",
-            "DTX_DB_POOL_MAX": "20",
-        },
-    ).build()
+    """Load each path on a fresh system on ``infra``'s PostgreSQL and Kafka, one after another."""
     report = BenchReport(concurrency, seconds)
     say = progress
-    try:
-        system.start()
-        channels = {k: grpc.aio.insecure_channel(p.endpoint) for k, p in system.procs.items()}
-        payments = payments_pb2_grpc.PaymentsStub(channels["payments"])
-        inventory = inventory_pb2_grpc.InventoryStub(channels["inventory"])
-        orders = orders_pb2_grpc.OrdersStub(channels["orders"])
-        accounts = [
-            (
-                await payments.CreateAccount(
-                    payments_pb2.CreateAccountRequest(
-                        owner=f"bench-{i}", currency="EUR", balance_minor=10**12
-                    ),
-                    timeout=10,
+    rss: dict[str, float] = {}
+    for path in paths:
+        say(f"{path}: starting a fresh system")
+        async with _fresh_system(infra, log_dir, path, concurrency) as fresh:
+            outbox = {"backlog": 0.0, "oldest": 0.0}
+
+            async def sample(fresh: _Fresh = fresh, outbox: dict[str, float] = outbox) -> None:
+                while True:
+                    for key, pid in fresh.pids.items():
+                        rss[key] = max(rss.get(key, 0.0), _rss_mb(pid))
+                    for backlog, oldest_s in await fresh.probe.sample():
+                        outbox["backlog"] = max(outbox["backlog"], float(backlog))
+                        outbox["oldest"] = max(outbox["oldest"], oldest_s)
+                    await asyncio.sleep(0.5)
+
+            sampler = asyncio.create_task(sample())
+            try:
+                await _settle(fresh.probe, fresh.every_db, settle_pause_s)  # the same quiet start
+                say(f"{path}: warming up")
+                await _closed_loop(fresh.call, fresh.workload, concurrency, min(2.0, seconds / 2))
+                say(f"{path}: peak, concurrency {concurrency} for {seconds:g} s")
+                latencies, errors = await _closed_loop(
+                    fresh.call, fresh.workload, concurrency, seconds
                 )
-            ).id
-            for i in range(max(ACCOUNTS, concurrency * 4))
-        ]
-        skus = [f"SKU-{i:04d}" for i in range(PRODUCTS)]
-        for sku in skus:
-            await inventory.CreateProduct(
-                inventory_pb2.CreateProductRequest(sku=sku, name=sku, price_minor=199, stock=10**9),
-                timeout=10,
-            )
-        local_dsn = new_db("local")
-        local_pool = await _local_pool(local_dsn, len(accounts), skus)
-
-        rss: dict[str, float] = {}
-        outbox = {"backlog": 0.0, "oldest": 0.0}
-        # The outbox is read from the databases, not from each service's /metrics:
-        # rendering a metrics page blocks a service's event loop for milliseconds,
-        # and scraping five services twice a second would show up in the very
-        # latencies being measured (Prometheus scrapes every 15 s).
-        outbox_dsns = [dsn for key, dsn in system.dsns.items() if key in OUTBOX_SERVICES]
-        probe = await OutboxProbe.connect(outbox_dsns)
-        every_db = [*system.dsns.values(), local_dsn]
-
-        async def sample() -> None:
-            while True:
-                for key, proc in system.procs.items():
-                    rss[key] = max(rss.get(key, 0.0), _rss_mb(proc.pid))
-                for backlog, oldest_s in await probe.sample():
-                    outbox["backlog"] = max(outbox["backlog"], float(backlog))
-                    outbox["oldest"] = max(outbox["oldest"], oldest_s)
-                await asyncio.sleep(0.5)
-
-        sampler = asyncio.create_task(sample())
-        for path in paths:
-            if path == "local":
-                call = _local_call(local_pool)
-                workload = Workload([str(i) for i in range(len(accounts))], skus)
-            else:
-                call = _order_call(orders, PROTOCOLS[path])
-                workload = Workload(accounts, skus)
-            await _settle(probe, every_db, settle_pause_s)  # the same quiet start
-            say(f"{path}: warming up")
-            await _closed_loop(call, workload, concurrency, min(2.0, seconds / 2))
-            say(f"{path}: peak, concurrency {concurrency} for {seconds:g} s")
-            latencies, errors = await _closed_loop(call, workload, concurrency, seconds)
-            peak = len(latencies) / seconds
-            result = PathResult(
-                path,
-                round(peak, 1),
-                round(_pct(latencies, 0.5), 2),
-                round(_pct(latencies, 0.99), 2),
-                errors=errors,
-            )
-            half = max(1.0, peak / 2)
-            # The overload just ended: let its after-effects (the relays' backlog,
-            # autovacuum of what it wrote) pass, so they are not measured as latency.
-            await _settle(probe, every_db, settle_pause_s)
-            say(f"{path}: half rate, {half:.0f} orders/s for {seconds:g} s")
-            outbox.update(backlog=0.0, oldest=0.0)  # reported for the half rate
-            latencies, errors = await _open_loop(call, workload, half, seconds)
+                peak = len(latencies) / seconds
+                result = PathResult(
+                    path,
+                    round(peak, 1),
+                    round(_pct(latencies, 0.5), 2),
+                    round(_pct(latencies, 0.99), 2),
+                    errors=errors,
+                )
+                half = max(1.0, peak / 2)
+                # The overload just ended: let its after-effects (the relays' backlog,
+                # autovacuum of what it wrote) pass, so they are not measured as latency.
+                await _settle(fresh.probe, fresh.every_db, settle_pause_s)
+                say(f"{path}: half rate, {half:.0f} orders/s for {seconds:g} s")
+                outbox.update(backlog=0.0, oldest=0.0)  # reported for the half rate
+                latencies, errors = await _open_loop(fresh.call, fresh.workload, half, seconds)
+            finally:
+                sampler.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await sampler
             result.half_rate = round(half, 1)
             result.p50_ms = round(_pct(latencies, 0.5), 2)
             result.p95_ms = round(_pct(latencies, 0.95), 2)
@@ -369,27 +432,11 @@ async def run_bench(
             result.outbox_max_backlog = int(outbox["backlog"])
             result.outbox_max_oldest_unsent_s = round(outbox["oldest"], 3)
             report.results.append(result)
-        sampler.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await sampler
-        await probe.close()
-        report.peak_rss_mb = {k: round(v, 1) for k, v in rss.items()}
-        direct = next((r for r in report.results if r.path == "direct"), None)
-        for result in report.results:
-            if direct and direct.peak_orders_per_s:
-                result.ratio_to_direct = round(
-                    result.peak_orders_per_s / direct.peak_orders_per_s, 2
-                )
-        await local_pool.close()
-        for channel in channels.values():
-            await channel.close(grace=None)
-    finally:
-        system.stop()
-        for name in created:
-            with contextlib.suppress(Exception):
-                postgres.drop_database(name)
-        # A run's topics would otherwise stay in the broker and slow every later one.
-        await delete_topics(bootstrap, prefix=topic_prefix)
+    report.peak_rss_mb = {k: round(v, 1) for k, v in rss.items()}
+    direct = next((r for r in report.results if r.path == "direct"), None)
+    for result in report.results:
+        if direct and direct.peak_orders_per_s:
+            result.ratio_to_direct = round(result.peak_orders_per_s / direct.peak_orders_per_s, 2)
     return report
 
 
