@@ -26,6 +26,7 @@ import grpc
 import pytest
 
 from dtx.v1 import common_pb2, orders_pb2, saga_pb2_grpc, transactions_pb2
+from tests.support.saga_log import LOSE_SAVES
 from tests.support.stack import Stack
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
@@ -246,20 +247,6 @@ async def test_orchestrator_killed_after_sending_confirm_completes_past_the_dead
     )
     assert saga.state == T.TRANSACTION_STATE_COMPLETED, saga
     await assert_confirmed_once(stack, order)
-
-
-# What a PostgreSQL crash that lost the saga's last lazy saves leaves: the
-# steps from ``$2`` on show pending again and nothing says the saga finished.
-# Past its deadline and without a lease, the next recovery pass claims it.
-LOSE_SAVES = (
-    "UPDATE sagas SET state = 'RUNNING', direction = 'forward', current_step = $2::integer,"
-    " attempts = 0, finished_at = NULL, lease_owner = NULL, lease_expires = NULL,"
-    " next_attempt_at = now(), deadline = now() - interval '1 second',"
-    " steps = (SELECT jsonb_agg(CASE WHEN n > $2::integer"
-    "          THEN jsonb_set(s, '{state}', '\"pending\"') ELSE s END ORDER BY n)"
-    "          FROM jsonb_array_elements(steps) WITH ORDINALITY AS t(s, n))"
-    " WHERE gid = $1 AND state = 'COMPLETED' RETURNING gid"
-)
 
 
 @pytest.fixture

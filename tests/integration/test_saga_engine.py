@@ -36,6 +36,7 @@ from dtx.v1 import (
     transactions_pb2,
 )
 from tests.support.processes import ServiceProcess, free_port
+from tests.support.saga_log import LOSE_SAVES
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
@@ -489,20 +490,6 @@ async def test_orchestrator_killed_past_the_deadline_compensates_on_restart(rig:
         ("action", "compensated"),
         ("compensate", "noop"),
     ]
-
-
-# What a PostgreSQL crash that lost the last lazy saves leaves: the steps from
-# ``$2`` on show pending again, and nothing says the saga finished. Past its
-# deadline and without a lease, the next recovery pass claims it.
-LOSE_SAVES = (
-    "UPDATE sagas SET state = 'RUNNING', direction = 'forward', current_step = $2::integer,"
-    " attempts = 0, finished_at = NULL, lease_owner = NULL, lease_expires = NULL,"
-    " next_attempt_at = now(), deadline = now() - interval '1 second',"
-    " steps = (SELECT jsonb_agg(CASE WHEN n > $2::integer"
-    "          THEN jsonb_set(s, '{state}', '\"pending\"') ELSE s END ORDER BY n)"
-    "          FROM jsonb_array_elements(steps) WITH ORDINALITY AS t(s, n))"
-    " WHERE gid = $1 AND state = 'COMPLETED' RETURNING gid"
-)
 
 
 async def test_a_log_that_lost_several_steps_compensates_the_hidden_ones(rig: Rig) -> None:

@@ -269,18 +269,24 @@ def test_a_compensation_that_keeps_failing_is_parked(
 OUTCOMES = st.lists(st.sampled_from(["done", "refused", "failed"]), min_size=1, max_size=MAX_STEPS)
 
 
-@given(OUTCOMES)
-def test_compensation_covers_exactly_the_done_and_unknown_steps_in_reverse(
-    outcomes: list[str],
-) -> None:
-    """Run the saga forward with these answers until the first one that is not "done"."""
-    saga = saga_of(*[StepState.PENDING] * len(outcomes))
+def run_forward(saga: Saga, outcomes: list[str]) -> list[int]:
+    """Give the steps these answers until the first that is not "done"; the steps that ran."""
     ran: list[int] = []
     for i, outcome in enumerate(outcomes):
         saga.steps[i].state = StepState(outcome)
         ran.append(i)
         if outcome != "done":
             break
+    return ran
+
+
+@given(OUTCOMES)
+def test_compensation_covers_exactly_the_done_and_unknown_steps_in_reverse(
+    outcomes: list[str],
+) -> None:
+    """Run the saga forward with these answers until the first one that is not "done"."""
+    saga = saga_of(*[StepState.PENDING] * len(outcomes))
+    ran = run_forward(saga, outcomes)
     if next_forward(saga.steps) is None:
         assert finish_state(saga) is State.COMPLETED
         return
@@ -415,12 +421,7 @@ def test_a_lagging_log_compensates_every_step_that_may_have_run(
 ) -> None:
     """Run forward with these answers; the log then lost the last ``hidden`` steps' results."""
     saga = lagging(*[StepState.PENDING] * len(outcomes))
-    ran: list[int] = []
-    for i, outcome in enumerate(outcomes):
-        saga.steps[i].state = StepState(outcome)
-        ran.append(i)
-        if outcome != "done":
-            break
+    ran = run_forward(saga, outcomes)
     truth = [s.state for s in saga.steps]
     for i in ran[len(ran) - min(hidden, len(ran)) :]:
         saga.steps[i].state = StepState.PENDING  # a lost lazy save
