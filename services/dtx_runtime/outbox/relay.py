@@ -109,6 +109,9 @@ class RelayOptions:
     topic_prefix: str = ""
     batch_size: int = 500
     poll_interval_s: float = 0.5
+    # After a wake-up, wait this long before reading: the commits of that moment
+    # leave in one batch (one query pair, one produce request) instead of one each.
+    linger_s: float = 0.0
     standby_retry_s: float = 1.0
     send_timeout_s: float = 30.0
     request_timeout_ms: int = 10_000
@@ -219,6 +222,8 @@ class OutboxRelay:
                 await self._maybe_trim(conn)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), self.options.poll_interval_s)
+                    if self.options.linger_s > 0:
+                        await asyncio.sleep(self.options.linger_s)
         finally:
             self._set_active(False)
             with contextlib.suppress(Exception):

@@ -40,6 +40,9 @@ class OutboxSettings(ServiceSettings):
 
     kafka_topic_prefix: str = Field(default="", pattern=TOPIC_PREFIX)
     outbox_poll_interval_ms: int = Field(default=500, ge=10, le=60_000)
+    # A wake-up per commit costs the service a query pair and a produce request
+    # each; lingering this long after one batches the commits of that moment.
+    outbox_linger_ms: int = Field(default=20, ge=0, le=1_000)
     outbox_batch_size: int = Field(default=500, ge=1, le=10_000)
     outbox_retention_hours: int = Field(default=24, ge=1, le=24 * 365)
     # Off by default: the outbox exists so that a Kafka outage does not stop
@@ -92,6 +95,7 @@ def wire_outbox(
             topic_prefix=options.kafka_topic_prefix,
             batch_size=options.outbox_batch_size,
             poll_interval_s=options.outbox_poll_interval_ms / 1000,
+            linger_s=options.outbox_linger_ms / 1000,
             retention=timedelta(hours=options.outbox_retention_hours),
             client_id=f"dtx-outbox-{service.service_name}",
         ),
