@@ -41,8 +41,9 @@ class OutboxSettings(ServiceSettings):
     kafka_topic_prefix: str = Field(default="", pattern=TOPIC_PREFIX)
     outbox_poll_interval_ms: int = Field(default=500, ge=10, le=60_000)
     # A wake-up per commit costs the service a query pair and a produce request
-    # each; lingering this long after one batches the commits of that moment.
-    outbox_linger_ms: int = Field(default=20, ge=0, le=1_000)
+    # each; lingering this long after one batches the commits of that moment
+    # (see docs/architecture.md for what it did and did not show here).
+    outbox_linger_ms: int = Field(default=0, ge=0, le=1_000)
     outbox_batch_size: int = Field(default=500, ge=1, le=10_000)
     outbox_retention_hours: int = Field(default=24, ge=1, le=24 * 365)
     # Off by default: the outbox exists so that a Kafka outage does not stop
