@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -453,3 +454,25 @@ async def test_published_rows_are_trimmed_after_their_retention(env: Env) -> Non
 
         await eventually(empty, 30, "published rows to be trimmed")
     assert len(await read_topic(env.bootstrap, env.topic, 3)) == 3
+
+
+async def test_a_lingering_relay_sends_the_commits_of_a_moment_in_one_batch(env: Env) -> None:
+    batches = 0
+
+    async def counted() -> None:
+        nonlocal batches
+        batches += 1
+
+    relay = OutboxRelay(
+        env.dsn, env.bootstrap, dataclasses.replace(FAST, linger_s=0.3), after_send=counted
+    )
+    async with running(relay):
+        await eventually(lambda: _true(relay.is_active), 10, "the relay to take the lock")
+        await write(env, "warm-up")
+        await eventually(lambda: _zero(unsent(env)), 30, "the warm-up")
+        await asyncio.sleep(0.5)  # the relay waits for the next wake-up
+        before = batches
+        for i in range(5):  # five commits, each waking the relay, within a few milliseconds
+            await write(env, "lingered", i)
+        await eventually(lambda: _zero(unsent(env)), 30, "the five events")
+        assert batches - before == 1, f"{batches - before} batches for five quick commits"
