@@ -500,6 +500,15 @@ def hex_id(value: str) -> str:
     return base64.b64decode(value).hex()
 
 
+def _consumers_have_parents(found: dict[str, list[dict[str, Any]]]) -> bool:
+    ids = {hex_id(s["spanId"]) for spans in found.values() for s in spans}
+    return all(
+        s.get("parentSpanId") and hex_id(s["parentSpanId"]) in ids
+        for s in found.get("notifications", [])
+        if s.get("kind") in ("SPAN_KIND_CONSUMER", 5)
+    )
+
+
 async def wait_for_trace(
     tempo: Tempo, trace_id: str, services: set[str], timeout: float = 90
 ) -> dict[str, list[dict[str, Any]]]:
@@ -508,9 +517,13 @@ async def wait_for_trace(
     while time.monotonic() < deadline:
         trace = await asyncio.to_thread(tempo.trace, trace_id)
         seen = spans_by_service(trace or {})
-        if services <= set(seen):
+        # Spans reach Tempo in each process's own export batches: wait until the
+        # Kafka consumers' parents (the relays' producer spans) have come too.
+        if services <= set(seen) and _consumers_have_parents(seen):
             return seen
         await asyncio.sleep(2)
+    if services <= set(seen):
+        return seen  # the assertions say which parent is missing
     raise AssertionError(
         f"trace {trace_id}: spans of {sorted(seen)}, missing {sorted(services - set(seen))}\n"
         f"tempo log:\n{tempo.tail()}"
