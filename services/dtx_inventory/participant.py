@@ -15,7 +15,7 @@ from asyncpg.pool import PoolConnectionProxy
 from dtx.v1 import common_pb2, events_pb2, participant_pb2
 from dtx_inventory import domain, storage
 from dtx_inventory.domain import Line
-from dtx_runtime.outbox import INVENTORY_TOPIC, write_event
+from dtx_runtime.outbox import INVENTORY_TOPIC, outbox_values, write_event
 from dtx_runtime.participant import Refusal
 
 log = logging.getLogger(__name__)
@@ -35,7 +35,13 @@ class ReserveManager:
         operation: participant_pb2.BranchOperation,
     ) -> None:
         reservation = domain.parse_reserve(operation)
-        items = await storage.reserve(conn, gid, branch, reservation)
+        _, reserved = outbox_values(
+            topic=INVENTORY_TOPIC,
+            event_type="stock.reserved",
+            aggregate_id=reservation.order_id,
+            payload=_stock_event(gid, reservation.order_id, reservation.items),
+        )
+        items = await storage.reserve(conn, gid, branch, reservation, reserved)
         available = {i.sku: i.available for i in items if i.available is not None}
         prices = {i.sku: i.price_minor for i in items if i.price_minor is not None}
         reason = domain.refusal_reason(
@@ -51,9 +57,6 @@ class ReserveManager:
                 raise Refusal(
                     f"order {reservation.order_id} already holds a reservation of {item.sku}"
                 )
-        await _write_stock_event(
-            conn, "stock.reserved", gid, reservation.order_id, reservation.items
-        )
 
     async def undo(
         self,
@@ -67,24 +70,22 @@ class ReserveManager:
             log.warning("nothing to release for %s/%s: no held reservation", gid, branch)
             return
         order_id = domain.parse_reserve(operation).order_id
-        await _write_stock_event(conn, "stock.released", gid, order_id, released)
+        await write_event(
+            conn,
+            topic=INVENTORY_TOPIC,
+            event_type="stock.released",
+            aggregate_id=order_id,
+            payload=_stock_event(gid, order_id, released),
+        )
 
 
-async def _write_stock_event(
-    conn: PoolConnectionProxy, event_type: str, gid: str, order_id: str, lines: Iterable[Line]
-) -> None:
-    """stock.reserved / stock.released, in the barrier's transaction, keyed by the order id."""
-    await write_event(
-        conn,
-        topic=INVENTORY_TOPIC,
-        event_type=event_type,
-        aggregate_id=order_id,
-        payload=events_pb2.StockEvent(
-            order_id=order_id,
-            items=[
-                common_pb2.LineItem(sku=line.sku, quantity=line.quantity)
-                for line in sorted(lines, key=lambda line: line.sku)
-            ],
-            gid=gid,
-        ),
+def _stock_event(gid: str, order_id: str, lines: Iterable[Line]) -> events_pb2.StockEvent:
+    """The payload of stock.reserved / stock.released (keyed by the order id)."""
+    return events_pb2.StockEvent(
+        order_id=order_id,
+        items=[
+            common_pb2.LineItem(sku=line.sku, quantity=line.quantity)
+            for line in sorted(lines, key=lambda line: line.sku)
+        ],
+        gid=gid,
     )

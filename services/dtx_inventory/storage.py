@@ -4,7 +4,9 @@ A reservation is one statement for all its items. The product rows are
 locked in SKU order first (``ORDER BY sku FOR UPDATE``), and every update
 joins those locked rows, so two orders sharing SKUs always lock them in the
 same order and never deadlock. The statement reports, per item, what was
-available, so the refusal reason comes from the same locked read.
+available, so the refusal reason comes from the same locked read; it also
+writes the ``stock.reserved`` outbox row when every item is held, so the hot
+path of a prepare is one round trip besides the barrier's own.
 """
 
 from __future__ import annotations
@@ -16,12 +18,13 @@ import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
 from dtx_inventory.domain import Line, NewProduct, Reservation
+from dtx_runtime.outbox import OUTBOX_COLUMNS, outbox_params
 
 Conn = asyncpg.Connection | PoolConnectionProxy
 
 _PRODUCT_COLUMNS = "sku, name, price_minor, currency, available, reserved"
 
-_RESERVE = """
+_RESERVE = f"""
 WITH wanted AS (
     SELECT sku, quantity, price
     FROM unnest($1::text[], $2::bigint[], $6::bigint[]) AS w (sku, quantity, price)
@@ -49,6 +52,9 @@ WITH wanted AS (
     SELECT $3, m.sku, m.quantity, $4, $5 FROM moved m
     ON CONFLICT (order_id, sku) DO NOTHING
     RETURNING sku
+), event AS (
+    INSERT INTO dtx_outbox ({OUTBOX_COLUMNS}) SELECT {outbox_params(7)}
+    WHERE (SELECT count(*) FROM held) = cardinality($1::text[])
 )
 SELECT w.sku, w.quantity, l.available, l.price_minor, h.sku IS NOT NULL AS held
 FROM wanted w
@@ -126,9 +132,13 @@ async def restock(conn: Conn, line: Line) -> asyncpg.Record | None:
 
 
 async def reserve(
-    conn: Conn, gid: str, branch: str, reservation: Reservation
+    conn: Conn, gid: str, branch: str, reservation: Reservation, event: Sequence[object]
 ) -> list[ReservedItem]:
-    """Move every item from available to reserved, or none; report each item either way."""
+    """Move every item from available to reserved, or none; report each item either way.
+
+    ``event`` (:func:`~dtx_runtime.outbox.outbox_values`) is written only when
+    every item is held.
+    """
     rows = await conn.fetch(
         _RESERVE,
         reservation.skus,
@@ -137,6 +147,7 @@ async def reserve(
         gid,
         branch,
         reservation.prices,
+        *event,
     )
     return [
         ReservedItem(r["sku"], r["quantity"], r["available"], r["held"], r["price_minor"])

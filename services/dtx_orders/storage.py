@@ -26,7 +26,13 @@ from asyncpg.pool import PoolConnectionProxy
 
 from dtx.v1 import events_pb2
 from dtx_orders.domain import PROTOCOL_TO_PROTO, NewOrder, Protocol, Status
-from dtx_runtime.outbox import ORDERS_TOPIC, write_event
+from dtx_runtime.outbox import (
+    ORDERS_TOPIC,
+    OUTBOX_COLUMNS,
+    outbox_params,
+    outbox_values,
+    write_event,
+)
 
 Conn = asyncpg.Connection | PoolConnectionProxy
 
@@ -69,20 +75,46 @@ async def write_order_event(conn: Conn, event_type: str, row: asyncpg.Record) ->
     )
 
 
+_INSERT_PLACED = f"""
+WITH placed AS (
+    INSERT INTO orders (id, account_id, items, total_minor, currency, protocol, gid,
+                        idempotency_key, request_hash)
+    VALUES ($1, $2, $3::jsonb, $4, $5, $6, $7, $8, $9)
+    ON CONFLICT (idempotency_key) DO NOTHING
+    RETURNING {_COLUMNS}
+), event AS (
+    INSERT INTO dtx_outbox ({OUTBOX_COLUMNS}) SELECT {outbox_params(10)} FROM placed
+)
+SELECT {_COLUMNS} FROM placed
+"""
+
+
+def placed_event(order: NewOrder) -> events_pb2.OrderEvent:
+    """The payload of order.placed, known before the row is written."""
+    return events_pb2.OrderEvent(
+        order_id=str(order.id),
+        account_id=str(order.account_id),
+        total_minor=order.total_minor,
+        currency=order.currency,
+        protocol=PROTOCOL_TO_PROTO[order.protocol],
+        gid=order.gid,
+    )
+
+
 async def insert_order(conn: Conn, order: NewOrder) -> asyncpg.Record | None:
-    """The stored order (and its order.placed), or None when another order holds its key."""
-    async with conn.transaction():
-        row = await _insert_order(conn, order)
-        if row is not None:
-            await write_order_event(conn, "order.placed", row)
-    return row
+    """The stored order (and its order.placed), or None when another order holds its key.
 
-
-async def _insert_order(conn: Conn, order: NewOrder) -> asyncpg.Record | None:
-    return await conn.fetchrow(
-        "INSERT INTO orders (id, account_id, items, total_minor, currency, protocol, gid,"
-        " idempotency_key, request_hash) VALUES ($1, $2, $3::jsonb, $4, $5, $6, $7, $8, $9)"
-        f" ON CONFLICT (idempotency_key) DO NOTHING RETURNING {_COLUMNS}",
+    One statement, so one round trip: the event row is inserted from the
+    order's ``RETURNING``, and with the order when it is.
+    """
+    _, event = outbox_values(
+        topic=ORDERS_TOPIC,
+        event_type="order.placed",
+        aggregate_id=str(order.id),
+        payload=placed_event(order),
+    )
+    row: asyncpg.Record | None = await conn.fetchrow(
+        _INSERT_PLACED,
         order.id,
         order.account_id,
         json.dumps([line.to_json() for line in order.lines]),
@@ -92,7 +124,9 @@ async def _insert_order(conn: Conn, order: NewOrder) -> asyncpg.Record | None:
         order.gid,
         order.idempotency_key,
         order.request_hash,
+        *event,
     )
+    return row
 
 
 async def get_order(conn: Conn, order_id: uuid.UUID) -> asyncpg.Record | None:

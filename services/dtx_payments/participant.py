@@ -13,7 +13,7 @@ from asyncpg.pool import PoolConnectionProxy
 
 from dtx.v1 import events_pb2, participant_pb2
 from dtx_payments import domain, storage
-from dtx_runtime.outbox import PAYMENTS_TOPIC, write_event
+from dtx_runtime.outbox import PAYMENTS_TOPIC, outbox_values, write_event
 from dtx_runtime.participant import Refusal
 
 log = logging.getLogger(__name__)
@@ -33,11 +33,7 @@ class ChargeManager:
         operation: participant_pb2.BranchOperation,
     ) -> None:
         charge = domain.parse_charge(operation)
-        if await storage.charge(conn, gid, branch, charge) is None:
-            state = await storage.account_state(conn, charge.account_id)
-            raise Refusal(domain.refusal_reason(charge, state))
-        await write_event(
-            conn,
+        _, charged = outbox_values(
             topic=PAYMENTS_TOPIC,
             event_type="payment.charged",
             aggregate_id=charge.order_id or gid,
@@ -49,6 +45,9 @@ class ChargeManager:
                 gid=gid,
             ),
         )
+        if await storage.charge(conn, gid, branch, charge, charged) is None:
+            state = await storage.account_state(conn, charge.account_id)
+            raise Refusal(domain.refusal_reason(charge, state))
 
     async def undo(
         self,

@@ -1,18 +1,21 @@
 """Payments' SQL: functions over a connection, each a single statement where it can be.
 
-A charge and its ledger row are one statement (a data-modifying CTE), so the
-hot path of a prepare is one round trip besides the barrier's own.
+A charge, its ledger row and its ``payment.charged`` outbox row are one
+statement (data-modifying CTEs), so the hot path of a prepare is one round
+trip besides the barrier's own.
 """
 
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
 from dtx_payments.domain import AccountState, Charge, NewAccount
+from dtx_runtime.outbox import OUTBOX_COLUMNS, outbox_params
 
 Conn = asyncpg.Connection | PoolConnectionProxy
 
@@ -30,15 +33,18 @@ WITH account AS (
 SELECT {_ACCOUNT_COLUMNS} FROM account
 """
 
-_CHARGE = """
+_CHARGE = f"""
 WITH debited AS (
     UPDATE accounts SET balance_minor = balance_minor - $2
     WHERE id = $1 AND currency = $3 AND balance_minor >= $2
     RETURNING id, balance_minor
+), recorded AS (
+    INSERT INTO ledger (account_id, gid, branch, order_id, kind, amount_minor)
+    SELECT id, $4, $5, NULLIF($6, ''), 'charge', -$2::bigint FROM debited
+), event AS (
+    INSERT INTO dtx_outbox ({OUTBOX_COLUMNS}) SELECT {outbox_params(7)} FROM debited
 )
-INSERT INTO ledger (account_id, gid, branch, order_id, kind, amount_minor)
-SELECT id, $4, $5, NULLIF($6, ''), 'charge', -$2::bigint FROM debited
-RETURNING (SELECT balance_minor FROM debited)
+SELECT balance_minor FROM debited
 """
 
 # The refund is what the ledger says this branch charged, not what the caller says.
@@ -87,8 +93,14 @@ async def account_state(conn: Conn, account_id: uuid.UUID) -> AccountState | Non
     return None if row is None else AccountState(row["currency"], row["balance_minor"])
 
 
-async def charge(conn: Conn, gid: str, branch: str, charge: Charge) -> int | None:
-    """Debit and record; the balance afterwards, or None when the debit's condition failed."""
+async def charge(
+    conn: Conn, gid: str, branch: str, charge: Charge, event: Sequence[object]
+) -> int | None:
+    """Debit, record and write ``event`` (:func:`~dtx_runtime.outbox.outbox_values`).
+
+    The balance afterwards, or None when the debit's condition failed (and
+    nothing was written).
+    """
     balance: int | None = await conn.fetchval(
         _CHARGE,
         charge.account_id,
@@ -97,6 +109,7 @@ async def charge(conn: Conn, gid: str, branch: str, charge: Charge) -> int | Non
         gid,
         branch,
         charge.order_id,
+        *event,
     )
     return balance
 

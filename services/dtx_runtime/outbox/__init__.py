@@ -23,7 +23,13 @@ from dtx_runtime.outbox.envelope import (
 from dtx_runtime.outbox.kafka import delete_topics
 from dtx_runtime.outbox.relay import OutboxRelay, RelayOptions
 from dtx_runtime.outbox.wiring import OutboxSettings, wire_outbox
-from dtx_runtime.outbox.writer import notify_committed, write_event
+from dtx_runtime.outbox.writer import (
+    OUTBOX_COLUMNS,
+    notify_committed,
+    outbox_params,
+    outbox_values,
+    write_event,
+)
 
 OUTBOX_MIGRATIONS = Path(__file__).parent / "migrations"
 
@@ -32,6 +38,7 @@ __all__ = [
     "EVENT_TYPES",
     "INVENTORY_TOPIC",
     "ORDERS_TOPIC",
+    "OUTBOX_COLUMNS",
     "OUTBOX_MIGRATIONS",
     "PAYMENTS_TOPIC",
     "SCHEMA_VERSION",
@@ -42,6 +49,8 @@ __all__ = [
     "build_event",
     "delete_topics",
     "notify_committed",
+    "outbox_params",
+    "outbox_values",
     "physical_topic",
     "wire_outbox",
     "write_event",

@@ -22,10 +22,8 @@ from dtx_runtime.outbox.envelope import Payload, build_event, capture_trace_cont
 
 Conn = asyncpg.Connection | PoolConnectionProxy
 
-_INSERT = (
-    "INSERT INTO dtx_outbox (id, topic, key, type, payload, headers)"
-    " VALUES ($1, $2, $3, $4, $5, $6::jsonb)"
-)
+OUTBOX_COLUMNS = "id, topic, key, type, payload, headers"
+_INSERT = f"INSERT INTO dtx_outbox ({OUTBOX_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6::jsonb)"
 
 _wakers: list[Callable[[], None]] = []
 
@@ -46,9 +44,26 @@ async def write_event(
     """
     if not conn.is_in_transaction():
         raise RuntimeError("write_event must run inside the transaction of the state change")
+    event, values = outbox_values(
+        topic=topic, event_type=event_type, aggregate_id=aggregate_id, payload=payload
+    )
+    await conn.execute(_INSERT, *values)
+    return event
+
+
+def outbox_values(
+    *, topic: str, event_type: str, aggregate_id: str, payload: Payload
+) -> tuple[events_pb2.Event, tuple[object, ...]]:
+    """An event's envelope and its outbox row, in the order of :data:`OUTBOX_COLUMNS`.
+
+    For a state change that can be written as one statement: it inserts the
+    row itself (``INSERT INTO dtx_outbox ... SELECT`` :func:`outbox_params`
+    ``FROM`` the change's ``RETURNING``), so the event still exists exactly
+    when the change does, at one round trip instead of four (BEGIN, change,
+    event, COMMIT). The caller calls :func:`notify_committed` afterwards.
+    """
     event = build_event(event_type, aggregate_id, payload)
-    await conn.execute(
-        _INSERT,
+    values = (
         uuid.UUID(event.id),
         topic,
         aggregate_id,
@@ -56,7 +71,14 @@ async def write_event(
         event.SerializeToString(),
         json.dumps(capture_trace_context()),
     )
-    return event
+    return event, values
+
+
+def outbox_params(first: int) -> str:
+    """The select list of an outbox row's values passed as ``$first`` onwards."""
+    params = [f"${first + i}" for i in range(len(OUTBOX_COLUMNS.split(",")))]
+    params[-1] += "::jsonb"
+    return ", ".join(params)
 
 
 def notify_committed() -> None:
