@@ -69,6 +69,11 @@ class PathResult:
     # The outbox at the half rate, the worst over every service (sampled twice a second).
     outbox_max_backlog: int = 0
     outbox_max_oldest_unsent_s: float = 0.0
+    # The machine over the half-rate phase (/proc/stat): how busy its CPUs were,
+    # and how much of their time the hypervisor gave to other guests (steal).
+    # A tail measured while neighbours steal is the neighbours' as much as ours.
+    cpu_busy_percent: float = 0.0
+    cpu_steal_percent: float = 0.0
 
 
 @dataclass
@@ -153,6 +158,38 @@ async def _settle(probe: OutboxProbe, dsns: list[str], pause_s: float) -> None:
     finally:
         await conn.close()
     await asyncio.sleep(pause_s)
+
+
+@dataclass(frozen=True)
+class CpuTimes:
+    """The machine's CPU time so far (all CPUs, clock ticks), split as the report needs."""
+
+    busy: int
+    steal: int
+    total: int
+
+    @classmethod
+    def now(cls) -> CpuTimes | None:
+        """From /proc/stat's first line; None where there is none (not Linux)."""
+        try:
+            with open("/proc/stat") as stat:
+                fields = [int(v) for v in stat.readline().split()[1:]]
+        except (OSError, ValueError):
+            return None
+        # user nice system idle iowait irq softirq steal [guest guest_nice: inside user]
+        idle, steal = fields[3] + fields[4], fields[7] if len(fields) > 7 else 0
+        total = sum(fields[:8])
+        return cls(busy=total - idle - steal, steal=steal, total=total)
+
+    def percent_since(self, earlier: CpuTimes | None) -> tuple[float, float]:
+        """(busy, steal) as percentages of the time elapsed since ``earlier``."""
+        elapsed = self.total - earlier.total if earlier else 0
+        if earlier is None or elapsed <= 0:
+            return 0.0, 0.0
+        return (
+            round(100 * (self.busy - earlier.busy) / elapsed, 1),
+            round(100 * (self.steal - earlier.steal) / elapsed, 1),
+        )
 
 
 def _rss_mb(pid: int) -> float:
@@ -419,7 +456,12 @@ async def run_bench(
                 await _settle(fresh.probe, fresh.every_db, settle_pause_s)
                 say(f"{path}: half rate, {half:.0f} orders/s for {seconds:g} s")
                 outbox.update(backlog=0.0, oldest=0.0)  # reported for the half rate
+                cpu_before = CpuTimes.now()
                 latencies, errors = await _open_loop(fresh.call, fresh.workload, half, seconds)
+                cpu_after = CpuTimes.now()
+                if cpu_after is not None:
+                    busy, steal = cpu_after.percent_since(cpu_before)
+                    result.cpu_busy_percent, result.cpu_steal_percent = busy, steal
             finally:
                 sampler.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -512,6 +554,7 @@ def summary_rows(report: BenchReport) -> list[list[str]]:
             f"{r.p99_ms:.1f}",
             str(r.errors),
             f"{r.outbox_max_backlog} / {r.outbox_max_oldest_unsent_s * 1000:.0f} ms",
+            f"{r.cpu_busy_percent:.0f} / {r.cpu_steal_percent:.0f}",
         ]
         for r in report.results
     ]

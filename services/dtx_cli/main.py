@@ -75,6 +75,7 @@ def bench(
         "p99 ms",
         "errors",
         "outbox backlog / oldest",
+        "cpu busy / steal %",
     ):
         table.add_column(column, justify="right")
     for row in summary_rows(report):

@@ -39,7 +39,7 @@ from dtx.v1 import (
 )
 from dtx_orders import domain, storage
 from dtx_orders.domain import NewOrder, OrderRequest, Protocol, Settlement, Status
-from dtx_orders.lookups import AccountCurrencies, ProductPrices
+from dtx_orders.lookups import AccountCurrencies, ConfirmedRows, ProductPrices
 from dtx_orders.metrics import ORDER_SECONDS, ORDERS
 from dtx_runtime.errors import (
     AlreadyExists,
@@ -141,12 +141,14 @@ class OrdersServicer(orders_pb2_grpc.OrdersServicer):
         lookup_timeout_s: float,
         price_cache_s: float = 0.0,
         allow_uncoordinated: bool = False,
+        confirmed: ConfirmedRows | None = None,
     ) -> None:
         self._pool = pool
         self._remotes = remotes
         self._barrier = barrier
         self._currencies = AccountCurrencies()
         self._prices_seen = ProductPrices(price_cache_s)
+        self._confirmed = confirmed if confirmed is not None else ConfirmedRows()
         self._transaction_timeout_ms = transaction_timeout_ms
         self._transaction_call_s = transaction_call_s
         self._lookup_timeout_s = lookup_timeout_s
@@ -277,9 +279,13 @@ class OrdersServicer(orders_pb2_grpc.OrdersServicer):
             settlement = await self._run_uncoordinated(order)
         else:
             settlement = await self._run_saga(order)
+        # The row its confirmation wrote, if that ran here (taken whatever the outcome).
+        confirmed = self._confirmed.take(order.gid)
         if settlement is None:
             return await self._reread(order.id, row)
         if settlement.status is Status.CONFIRMED:
+            if confirmed is not None:  # committed, and CONFIRMED is final: no reread
+                return confirmed
             return await self._await_confirmed(order.id, row)
         settled = await settle(self._pool, order.id, settlement)
         return settled if settled is not None else await self._reread(order.id, row)
@@ -347,8 +353,10 @@ class OrdersServicer(orders_pb2_grpc.OrdersServicer):
         if refusals:
             return Settlement(Status.REJECTED, "; ".join(refusals))
         async with self._pool.acquire() as conn:
-            await storage.confirm_uncoordinated(conn, order.id)
+            confirmed = await storage.confirm_uncoordinated(conn, order.id)
         notify_committed()  # order.confirmed
+        if confirmed is not None:
+            self._confirmed.put(order.gid, confirmed)
         return Settlement(Status.CONFIRMED)
 
     async def _run_saga(self, order: NewOrder) -> Settlement | None:

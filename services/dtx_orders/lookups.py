@@ -14,6 +14,11 @@ round trip on every order's critical path, so both are kept here:
 
 Both are bounded; the oldest entry leaves first. An account or SKU not seen
 yet is looked up, so an unknown one is still NOT_FOUND.
+
+A third memory spares the round trip after the transaction: the row the
+order's own confirmation wrote (:class:`ConfirmedRows`). It is taken only
+once the order is known CONFIRMED — its branch committed — and CONFIRMED is
+final, so that row is the order as it stands.
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
 from typing import Generic, TypeVar
+
+import asyncpg
 
 from dtx_orders.domain import Price
 
@@ -95,3 +102,24 @@ class ProductPrices:
     def forget(self, skus: Iterable[str]) -> None:
         for sku in skus:
             self._known.discard(sku)
+
+
+class ConfirmedRows:
+    """The rows confirmations in this process wrote, by gid, each taken at most once.
+
+    Put when the confirmation runs (for a two-phase commit: before its branch
+    commits), taken by the order's own request once the order is CONFIRMED.
+    Entries nobody takes (an order confirmed by recovery, or one whose
+    transaction aborted and was not discarded) are evicted oldest first.
+    """
+
+    def __init__(self, capacity: int = 10_000) -> None:
+        self._rows: _Bounded[str, asyncpg.Record] = _Bounded(capacity)
+
+    def put(self, gid: str, row: asyncpg.Record) -> None:
+        self._rows.put(gid, row)
+
+    def take(self, gid: str) -> asyncpg.Record | None:
+        row = self._rows.get(gid)
+        self._rows.discard(gid)
+        return row

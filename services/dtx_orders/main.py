@@ -44,7 +44,8 @@ async def setup(ctx: ServiceContext[OrdersSettings]) -> None:
             ),
         },
     )
-    barrier = wire_participant(ctx, ConfirmOrderManager())
+    confirmations = ConfirmOrderManager()
+    barrier = wire_participant(ctx, confirmations)
     wire_outbox(ctx, barrier)
     orders_pb2_grpc.add_OrdersServicer_to_server(
         OrdersServicer(
@@ -56,6 +57,7 @@ async def setup(ctx: ServiceContext[OrdersSettings]) -> None:
             lookup_timeout_s=settings.lookup_timeout_seconds,
             price_cache_s=settings.price_cache_seconds,
             allow_uncoordinated=settings.allow_uncoordinated,
+            confirmed=confirmations.confirmed,
         ),
         ctx.server,
     )

@@ -20,13 +20,21 @@ from asyncpg.pool import PoolConnectionProxy
 
 from dtx.v1 import participant_pb2
 from dtx_orders import domain, storage
+from dtx_orders.lookups import ConfirmedRows
 from dtx_runtime.participant import Refusal
 
 log = logging.getLogger(__name__)
 
 
 class ConfirmOrderManager:
-    """The :class:`~dtx_runtime.participant.ResourceManager` of ``confirm_order``."""
+    """The :class:`~dtx_runtime.participant.ResourceManager` of ``confirm_order``.
+
+    Each confirmed row is also handed to ``confirmed``, so that the request
+    that placed the order can answer with it instead of reading it again.
+    """
+
+    def __init__(self, confirmed: ConfirmedRows | None = None) -> None:
+        self.confirmed = confirmed if confirmed is not None else ConfirmedRows()
 
     def validate(self, operation: participant_pb2.BranchOperation) -> None:
         domain.parse_confirm(operation)
@@ -39,7 +47,9 @@ class ConfirmOrderManager:
         operation: participant_pb2.BranchOperation,
     ) -> None:
         order_id = domain.parse_confirm(operation)
-        if await storage.confirm(conn, order_id, gid):
+        row = await storage.confirm(conn, order_id, gid)
+        if row is not None:
+            self.confirmed.put(gid, row)
             return
         found = await storage.status_of(conn, order_id)
         if found is None:

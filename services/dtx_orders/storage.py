@@ -168,22 +168,22 @@ async def settle(
         return row
 
 
-async def confirm(conn: Conn, order_id: uuid.UUID, gid: str) -> bool:
+async def confirm(conn: Conn, order_id: uuid.UUID, gid: str) -> asyncpg.Record | None:
     """PENDING → CONFIRMED by the order's own transaction, in the caller's (barrier) transaction.
 
+    The confirmed row, or None when the order was not PENDING under ``gid``.
     For a two-phase commit that transaction is then prepared: order.confirmed
     is published only if the branch commits.
     """
-    row = await conn.fetchrow(
+    row: asyncpg.Record | None = await conn.fetchrow(
         "UPDATE orders SET status = 'CONFIRMED', updated_at = now()"
         f" WHERE id = $1 AND gid = $2 AND status = 'PENDING' RETURNING {_COLUMNS}",
         order_id,
         gid,
     )
-    if row is None:
-        return False
-    await write_order_event(conn, "order.confirmed", row)
-    return True
+    if row is not None:
+        await write_order_event(conn, "order.confirmed", row)
+    return row
 
 
 async def confirm_uncoordinated(conn: Conn, order_id: uuid.UUID) -> asyncpg.Record | None:

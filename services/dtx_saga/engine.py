@@ -2,11 +2,12 @@
 
 A saga is driven in *rounds*. A round runs the steps forward from the first
 one not done — each step one ``Execute`` with the step timeout, retried with
-backoff while the error is transient — and logs every result as it comes, so
-a crashed orchestrator resumes exactly there (re-executing a step whose
-result was not logged is safe: the participant's barrier answers a repeated
-Execute with its first answer). When the saga turns back, the same round
-compensates every step that owes it, in reverse order.
+backoff while the error is transient — and logs every result, each save
+running alongside the next step's call, so a crashed orchestrator resumes
+there or a step before (re-executing a step whose result was not logged is
+safe: the participant's barrier answers a repeated Execute with its first
+answer). When the saga turns back, the same round compensates every step that
+owes it, in reverse order.
 
 How a saga turns back, and when it is parked instead (``recovery.*``):
 
@@ -51,7 +52,8 @@ intervention or another replica takes a saga over, the driver's next write
 is refused and it stops — RunSaga then waits (bounded) for the saga's end.
 
 Failpoints (``DTX_FAILPOINTS``, for crash tests): ``saga.before_step``,
-``saga.after_step`` (after a step's result is logged) and
+``saga.after_step`` (after a step's result is known; its save runs with the
+next step's call) and
 ``saga.after_turning_back`` (COMPENSATING logged, no Compensate sent yet).
 """
 
@@ -59,9 +61,10 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import functools
 import logging
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 
 import grpc
 
@@ -275,6 +278,7 @@ class Engine:
         self, saga: Saga, policy: TransactionPolicy, deadline: float
     ) -> tuple[RoundEnd, int] | None:
         """Run steps forward; None when the saga turned back (the caller compensates)."""
+        save_previous: Callable[[], Awaitable[bool]] | None = None
         while (index := next_forward(saga.steps)) is not None:
             step = saga.steps[index]
             # At the pivot the saga only goes forward: the deadline neither turns
@@ -285,14 +289,24 @@ class Engine:
                     saga, policy, f"{step.step}: the saga's deadline passed", "deadline"
                 )
             await failpoint("saga.before_step")
-            result = await self._execute(saga.gid, step, policy, None if pivot else deadline)
+            # The previous step's save runs while this step's call is under way:
+            # a round trip less per step on the saga's path. A crash between the
+            # two leaves the log a step behind, which recovery already expects
+            # (``domain.begin_compensation``), and a lost lease still stops this
+            # driver one call later, a call the barrier makes harmless.
+            result, saved = await asyncio.gather(
+                self._execute(saga.gid, step, policy, None if pivot else deadline),
+                save_previous() if save_previous is not None else _nothing_to_save(),
+            )
+            save_previous = None
+            if not saved:
+                return RoundEnd.LOST, 0
             if result is StepState.DONE:
                 # After the last step the COMPLETED write below records it: no save between.
-                last = next_forward(saga.steps) is None
-                if not last and not await self.log.save(
-                    saga, owner=self.owner, lease_ms=self.lease_ms(policy)
-                ):
-                    return RoundEnd.LOST, 0
+                if next_forward(saga.steps) is not None:
+                    save_previous = functools.partial(
+                        self.log.save, saga, owner=self.owner, lease_ms=self.lease_ms(policy)
+                    )
                 await failpoint("saga.after_step")
                 continue
             if result is StepState.REFUSED:
@@ -478,3 +492,7 @@ class Engine:
             )
 
         return record
+
+
+async def _nothing_to_save() -> bool:
+    return True

@@ -48,6 +48,9 @@ async def test_every_path_is_measured_without_errors(infra: LocalInfra, tmp_path
         assert abs(result.half_rate - max(1.0, result.peak_orders_per_s / 2)) <= 0.1, result
         assert 0 < result.p50_ms <= result.p95_ms <= result.p99_ms, result
         assert result.ratio_to_direct is not None
+        # The machine was measured over the half-rate phase: it ran the load.
+        assert 0 < result.cpu_busy_percent <= 100, result
+        assert 0 <= result.cpu_steal_percent <= 100 - result.cpu_busy_percent, result
     assert report.results[0].ratio_to_direct == 1.0
     assert set(report.peak_rss_mb) == {"coordinator", "orders", "payments", "inventory", "saga"}
     assert all(0 < mb < 500 for mb in report.peak_rss_mb.values())

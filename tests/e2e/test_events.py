@@ -171,6 +171,14 @@ async def test_a_confirmed_order_notifies_once_and_each_event_reaches_kafka_once
     assert (charged.amount_minor, charged.currency, charged.account_id) == (500, "EUR", account)
     reserved = next(e for e in events if e.type == "stock.reserved").stock
     assert [(i.sku, i.quantity) for i in reserved.items] == [("WIDGET", 2)]
+    placed = next(e for e in events if e.type == "order.placed").order
+    assert (placed.order_id, placed.account_id, placed.total_minor, placed.currency) == (
+        order.id,
+        account,
+        500,
+        "EUR",
+    )
+    assert placed.gid == order.gid
 
     await asyncio.sleep(1)  # nothing more comes
     assert len(await list_notifications(stack, account)) == 1

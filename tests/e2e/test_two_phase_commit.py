@@ -52,6 +52,8 @@ async def test_commit_reaches_all_three_databases(stack: Stack) -> None:
     order = await stack.place(account, {"WIDGET": 2}, key="k-commit")
     assert order.status == orders_pb2.ORDER_STATUS_CONFIRMED, order.reason
     assert order.total_minor == 500
+    # The answer is the stored order (built from the confirmation's row, not reread).
+    assert order == await order_status(stack, order.id)
     assert await balances(stack) == {account: 9_500}
     assert await stock(stack) == {"WIDGET": (8, 2)}
     charges = await stack.fetch("payments", "SELECT amount_minor FROM ledger WHERE kind = 'charge'")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import uuid
+from typing import Any
 
 import pytest
 from hypothesis import given
@@ -390,6 +391,21 @@ def test_account_currencies_are_bounded_oldest_out_first() -> None:
     known.put(c, "GBP")
     assert known.get(a) is None
     assert (known.get(b), known.get(c)) == ("USD", "GBP")
+
+
+def test_confirmed_rows_are_taken_once_and_bounded() -> None:
+    from dtx_orders.lookups import ConfirmedRows
+
+    rows = ConfirmedRows(capacity=2)
+    first: Any = {"status": "CONFIRMED", "id": 1}  # stands in for an asyncpg.Record
+    rows.put("g1", first)
+    assert rows.take("g1") is first
+    assert rows.take("g1") is None  # an answer is built from it once
+    later: list[Any] = [{"id": 2}, {"id": 3}, {"id": 4}]
+    for gid, row in zip(("g2", "g3", "g4"), later, strict=True):
+        rows.put(gid, row)  # nobody takes g2 (say, recovery confirmed it): evicted
+    assert rows.take("g2") is None
+    assert rows.take("g4") is later[2]
 
 
 def test_product_prices_are_trusted_for_their_ttl_then_asked_again() -> None:
