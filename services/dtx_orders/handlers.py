@@ -61,9 +61,6 @@ T = TypeVar("T")
 SETTLE_LOCK_TIMEOUT_MS = 1000
 """How long a settling UPDATE waits for a prepared transaction that still holds the order."""
 
-CONFIRM_WAIT_S = 1.0
-"""After a commit, how long PlaceOrder waits for phase two to make the order CONFIRMED."""
-
 _RETRYABLE = (
     grpc.StatusCode.UNAVAILABLE,
     grpc.StatusCode.DEADLINE_EXCEEDED,
@@ -286,7 +283,9 @@ class OrdersServicer(orders_pb2_grpc.OrdersServicer):
         if settlement.status is Status.CONFIRMED:
             if confirmed is not None:  # committed, and CONFIRMED is final: no reread
                 return confirmed
-            return await self._await_confirmed(order.id, row)
+            # Confirmed in another replica (a saga's step): committed before the
+            # answer came, so one read sees it.
+            return await self._reread(order.id, row)
         settled = await settle(self._pool, order.id, settlement)
         return settled if settled is not None else await self._reread(order.id, row)
 
@@ -381,19 +380,6 @@ class OrdersServicer(orders_pb2_grpc.OrdersServicer):
         async with self._pool.acquire() as conn:
             row = await storage.get_order(conn, order_id)
         return row if row is not None else fallback
-
-    async def _await_confirmed(
-        self, order_id: uuid.UUID, fallback: asyncpg.Record
-    ) -> asyncpg.Record:
-        """The order after its commit: CONFIRMED once phase two reached the orders branch."""
-        deadline = time.monotonic() + CONFIRM_WAIT_S
-        delay = 0.02
-        while True:
-            row = await self._reread(order_id, fallback)
-            if row["status"] != Status.PENDING.value or time.monotonic() >= deadline:
-                return row
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 0.2)
 
 
 def _replay(existing: asyncpg.Record, request: OrderRequest) -> orders_pb2.Order:
