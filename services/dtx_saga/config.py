@@ -1,6 +1,7 @@
 """Orchestrator settings (environment) — the policy itself comes from DTX_POLICY_FILE.
 
-The coordinator's settings, under the orchestrator's own defaults:
+The coordination settings (shared with the 2PC coordinator), under the
+orchestrator's own defaults:
 
 ``DTX_POLICY_FILE``    the TransactionPolicy file (JSON or YAML), watched for changes.
 ``DTX_PARTICIPANTS``   ``name=host:port,...`` — endpoints the policy may override.
@@ -15,11 +16,11 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from dtx_coordinator.config import CoordinatorSettings
+from dtx_runtime.coordination.settings import CoordinationSettings
 from dtx_runtime.settings import Port
 
 
-class SagaSettings(CoordinatorSettings):
+class SagaSettings(CoordinationSettings):
     service_name: str = Field(default="saga", min_length=1, max_length=63)
     grpc_port: Port = 50061
     http_port: Port = 9471

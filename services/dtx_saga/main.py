@@ -6,9 +6,7 @@ from pathlib import Path
 
 from dtx.v1 import saga_pb2_grpc
 from dtx_runtime import ServiceContext, ServiceDefinition
-from dtx_runtime.coordination.records import lease_owner
-from dtx_runtime.coordination.recovery import run_recovery
-from dtx_runtime.database import create_pool
+from dtx_runtime.coordination.wiring import run_engine, wire_coordination
 from dtx_runtime.policy import PolicyHolder
 from dtx_saga.config import SagaSettings
 from dtx_saga.engine import Engine
@@ -18,46 +16,19 @@ from dtx_saga.storage import SagaLog
 
 
 async def setup(ctx: ServiceContext[SagaSettings]) -> None:
-    settings = ctx.settings
-    assert settings.database_url is not None
-    lazy = await create_pool(
-        settings.database_url,
-        min_size=1,
-        max_size=settings.lazy_pool_max,
-        connect_timeout_s=settings.db_connect_timeout_seconds,
-        server_settings={"synchronous_commit": "off"},
-    )
-    policy = PolicyHolder(settings.policy_file)
-
-    def endpoint(name: str) -> str | None:
-        return policy.current.endpoint_of(name) or settings.participants.get(name)
-
-    def known() -> set[str]:
-        return {p.name for p in policy.current.participants} | set(settings.participants)
-
-    replica_prefix, owner = lease_owner(settings.replica_id)
+    coordination = await wire_coordination(ctx)
     engine = Engine(
-        SagaLog(ctx.db, lazy),
-        policy,
-        endpoint,
-        known,
-        owner=owner,
+        SagaLog(ctx.db, coordination.lazy),
+        coordination.policy,
+        coordination.endpoint,
+        coordination.known,
+        owner=coordination.owner,
     )
     saga_pb2_grpc.add_SagaOrchestratorServicer_to_server(
         SagaOrchestratorServicer(engine), ctx.server
     )
-    ctx.side_port.add_json_route("/status", lambda: _status(policy, engine))
-    ctx.run_in_background(
-        "recovery",
-        lambda: run_recovery(engine, protocol=PROTOCOL, replica_prefix=replica_prefix),
-    )
-    ctx.run_in_background("policy-watch", policy.watch)
-
-    async def close() -> None:
-        await engine.close()
-        await lazy.close()
-
-    ctx.on_shutdown(close)
+    ctx.side_port.add_json_route("/status", lambda: _status(coordination.policy, engine))
+    run_engine(ctx, coordination, engine, engine.close, protocol=PROTOCOL)
 
 
 async def _status(policy: PolicyHolder, engine: Engine) -> dict[str, object]:

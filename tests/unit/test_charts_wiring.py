@@ -19,7 +19,7 @@ import yaml
 
 from dtx_cli.serve import SERVICES, load_service
 from dtx_cli.system import PARTICIPANTS, WITH_DATABASE
-from dtx_coordinator.config import CoordinatorSettings
+from dtx_runtime.coordination.settings import CoordinationSettings
 from dtx_runtime.settings import ServiceSettings
 
 pytestmark = pytest.mark.unit
@@ -59,7 +59,7 @@ def test_database_and_participant_as_in_the_local_wiring(name: str) -> None:
 def test_policy_services_are_the_coordinators(name: str) -> None:
     """policy: true mounts DTX_POLICY_FILE and sets DTX_PARTICIPANTS: coordinator settings."""
     settings_type = load_service(name).settings_type
-    assert service(name)["policy"] is issubclass(settings_type, CoordinatorSettings)
+    assert service(name)["policy"] is issubclass(settings_type, CoordinationSettings)
 
 
 @pytest.mark.parametrize("name", SERVICES)
