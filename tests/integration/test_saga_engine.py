@@ -209,6 +209,15 @@ def charge(name: str, participant: str, account: str, amount: int) -> transactio
     )
 
 
+async def two_charges(
+    rig: Rig, *, bank_balance: int = 1_000
+) -> tuple[str, str, list[transactions_pb2.Branch]]:
+    """Accounts a (payments, 1,000) and b (bank), and the saga: 300 from a, then 200 from b."""
+    a = await rig.account("payments", 1_000)
+    b = await rig.account("bank", bank_balance)
+    return a, b, [charge("pay-a", "payments", a, 300), charge("pay-b", "bank", b, 200)]
+
+
 async def run(
     rig: Rig, gid: str, steps: list[transactions_pb2.Branch], *, timeout_ms: int = 0
 ) -> transactions_pb2.Transaction:
@@ -263,9 +272,7 @@ async def rig(run_dir: Path, new_database: Callable[[str], str]) -> AsyncIterato
 
 
 async def test_a_saga_completes_and_a_repeat_returns_the_first_result(rig: Rig) -> None:
-    a = await rig.account("payments", 1_000)
-    b = await rig.account("bank", 1_000)
-    steps = [charge("pay-a", "payments", a, 300), charge("pay-b", "bank", b, 200)]
+    a, b, steps = await two_charges(rig)
     saga = await run(rig, "happy-1", steps)
     assert saga.state == T.TRANSACTION_STATE_COMPLETED
     assert saga.outcome == T.OUTCOME_COMMITTED
@@ -381,9 +388,7 @@ async def test_a_malformed_operation_is_a_refusal(rig: Rig) -> None:
 
 
 async def test_orchestrator_killed_during_a_slow_step_resumes_and_completes(rig: Rig) -> None:
-    a = await rig.account("payments", 1_000)
-    b = await rig.account("bank", 1_000)
-    steps = [charge("pay-a", "payments", a, 300), charge("pay-b", "bank", b, 200)]
+    a, b, steps = await two_charges(rig)
     orchestrator = rig.procs["saga"]
     async with row_locked(rig, "bank", b):
         running = asyncio.create_task(run(rig, "crash-1", steps))
@@ -410,9 +415,7 @@ async def test_another_replica_takes_over_when_the_lease_runs_out(rig: Rig) -> N
     )
     rig.procs["saga-1"] = second
     second.start()
-    a = await rig.account("payments", 1_000)
-    b = await rig.account("bank", 1_000)
-    steps = [charge("pay-a", "payments", a, 300), charge("pay-b", "bank", b, 200)]
+    a, b, steps = await two_charges(rig)
     async with row_locked(rig, "bank", b):
         running = asyncio.create_task(run(rig, "replica-1", steps))
         await rig.wait_log("SELECT 1 FROM sagas WHERE steps->0->>'state' = 'done'")
@@ -430,9 +433,7 @@ async def test_another_replica_takes_over_when_the_lease_runs_out(rig: Rig) -> N
 
 
 async def test_orchestrator_stopped_gracefully_hands_its_saga_back(rig: Rig) -> None:
-    a = await rig.account("payments", 1_000)
-    b = await rig.account("bank", 1_000)
-    steps = [charge("pay-a", "payments", a, 300), charge("pay-b", "bank", b, 200)]
+    a, b, steps = await two_charges(rig)
     orchestrator = rig.procs["saga"]
     async with row_locked(rig, "bank", b):
         running = asyncio.create_task(run(rig, "stop-1", steps))
@@ -569,9 +570,7 @@ async def test_orchestrator_killed_at_the_pivot_past_the_deadline_completes_on_r
 
 
 async def test_a_pivot_slower_than_the_deadline_is_retried_until_it_answers(rig: Rig) -> None:
-    a = await rig.account("payments", 1_000)
-    b = await rig.account("bank", 1_000)
-    steps = [charge("pay-a", "payments", a, 300), charge("pay-b", "bank", b, 200)]
+    a, b, steps = await two_charges(rig)
     async with row_locked(rig, "bank", b):
         running = asyncio.create_task(run(rig, "pivot-2", steps, timeout_ms=2_000))
         await rig.wait_log("SELECT 1 FROM sagas WHERE steps->0->>'state' = 'done'")
@@ -609,9 +608,7 @@ async def test_orchestrator_killed_while_compensating_finishes_compensating(
     orchestrator.env["DTX_FAILPOINTS"] = "saga.after_turning_back=kill"
     try:
         rig.start()
-        a = await rig.account("payments", 1_000)
-        b = await rig.account("bank", 100)
-        steps = [charge("pay-a", "payments", a, 300), charge("pay-b", "bank", b, 200)]
+        a, _, steps = await two_charges(rig, bank_balance=100)
         with pytest.raises(grpc.aio.AioRpcError):
             await run(rig, "crash-3", steps)
         assert orchestrator.process is not None
@@ -786,9 +783,7 @@ async def test_participant_down_at_the_pivot_waits_forward_for_a_person(
 
 
 async def test_abort_of_a_running_saga_compensates_what_ran(rig: Rig) -> None:
-    a = await rig.account("payments", 1_000)
-    b = await rig.account("bank", 1_000)
-    steps = [charge("pay-a", "payments", a, 300), charge("pay-b", "bank", b, 200)]
+    a, b, steps = await two_charges(rig)
     async with row_locked(rig, "bank", b):
         running = asyncio.create_task(run(rig, "abort-1", steps))
         await rig.wait_log("SELECT 1 FROM sagas WHERE steps->0->>'state' = 'done'")
