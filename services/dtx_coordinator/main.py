@@ -25,7 +25,7 @@ async def setup(ctx: ServiceContext[CoordinatorSettings]) -> None:
     )
     coordinator_pb2_grpc.add_CoordinatorServicer_to_server(CoordinatorServicer(engine), ctx.server)
     ctx.side_port.add_json_route("/status", lambda: _status(coordination.policy))
-    run_engine(ctx, coordination, engine, engine.close, protocol=PROTOCOL)
+    run_engine(ctx, coordination, engine, protocol=PROTOCOL)
 
 
 async def _status(policy: PolicyHolder) -> dict[str, object]:

@@ -108,9 +108,10 @@ class ConfirmedRows:
     """The rows confirmations in this process wrote, by gid, each taken at most once.
 
     Put when the confirmation runs (for a two-phase commit: before its branch
-    commits), taken by the order's own request once the order is CONFIRMED.
-    Entries nobody takes (an order confirmed by recovery, or one whose
-    transaction aborted and was not discarded) are evicted oldest first.
+    commits); taken by the order's own request after its transaction, whatever
+    the outcome, and used only when the order is CONFIRMED. Entries nobody
+    takes (a confirmation driven by recovery, or whose request was answered by
+    another replica or gave up) are evicted oldest first.
     """
 
     def __init__(self, capacity: int = 10_000) -> None:

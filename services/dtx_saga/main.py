@@ -28,7 +28,7 @@ async def setup(ctx: ServiceContext[SagaSettings]) -> None:
         SagaOrchestratorServicer(engine), ctx.server
     )
     ctx.side_port.add_json_route("/status", lambda: _status(coordination.policy, engine))
-    run_engine(ctx, coordination, engine, engine.close, protocol=PROTOCOL)
+    run_engine(ctx, coordination, engine, protocol=PROTOCOL)
 
 
 async def _status(policy: PolicyHolder, engine: Engine) -> dict[str, object]:

@@ -9,9 +9,8 @@ named after the replica. Only the engine and its gRPC servicer differ.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import asyncpg
 
@@ -21,6 +20,14 @@ from dtx_runtime.coordination.settings import CoordinationSettings
 from dtx_runtime.database import create_pool
 from dtx_runtime.policy import PolicyHolder
 from dtx_runtime.service import ServiceContext
+
+S = TypeVar("S", bound=CoordinationSettings)
+
+
+class Engine(Driver[Any], Protocol):
+    """A 2PC or saga engine: what recovery drives, closed at shutdown."""
+
+    async def close(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -42,9 +49,9 @@ class Coordination:
         return {p.name for p in self.policy.current.participants} | set(self.participants)
 
 
-async def wire_coordination(ctx: ServiceContext[Any]) -> Coordination:
-    """The lazy pool and the watched policy of ``ctx`` (whose settings are coordination's)."""
-    settings: CoordinationSettings = ctx.settings
+async def wire_coordination(ctx: ServiceContext[S]) -> Coordination:
+    """The lazy pool, the watched policy and the lease owner of a coordinating service."""
+    settings = ctx.settings
     assert settings.database_url is not None
     lazy = await create_pool(
         settings.database_url,
@@ -60,12 +67,7 @@ async def wire_coordination(ctx: ServiceContext[Any]) -> Coordination:
 
 
 def run_engine(
-    ctx: ServiceContext[Any],
-    coordination: Coordination,
-    engine: Driver[Any],
-    close_engine: Callable[[], Awaitable[None]],
-    *,
-    protocol: str,
+    ctx: ServiceContext[S], coordination: Coordination, engine: Engine, *, protocol: str
 ) -> None:
     """Recover in the background; at shutdown close the engine, then the lazy pool."""
     ctx.run_in_background(
@@ -74,7 +76,7 @@ def run_engine(
     )
 
     async def close() -> None:
-        await close_engine()
+        await engine.close()
         await coordination.lazy.close()
 
     ctx.on_shutdown(close)

@@ -23,7 +23,6 @@ from dtx_runtime.outbox.envelope import Payload, build_event, capture_trace_cont
 Conn = asyncpg.Connection | PoolConnectionProxy
 
 OUTBOX_COLUMNS = "id, topic, key, type, payload, headers"
-_INSERT = f"INSERT INTO dtx_outbox ({OUTBOX_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6::jsonb)"
 
 _wakers: list[Callable[[], None]] = []
 
@@ -47,7 +46,9 @@ async def write_event(
     event, values = outbox_values(
         topic=topic, event_type=event_type, aggregate_id=aggregate_id, payload=payload
     )
-    await conn.execute(_INSERT, *values)
+    await conn.execute(
+        f"INSERT INTO dtx_outbox ({OUTBOX_COLUMNS}) VALUES ({outbox_params(1)})", *values
+    )
     return event
 
 
