@@ -47,7 +47,7 @@ from dtx_infra.procs import (
 )
 from dtx_infra.settings import HOST
 
-_DB_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+_DB_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}\Z")
 _Action = Callable[["asyncpg.Connection[asyncpg.Record]"], Awaitable[object]]
 
 

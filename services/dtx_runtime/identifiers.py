@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import re
 
-GID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,100}$")
-BRANCH_PATTERN = re.compile(r"^[a-z0-9_-]{1,40}$")
+GID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,100}\Z")
+BRANCH_PATTERN = re.compile(r"^[a-z0-9_-]{1,40}\Z")
 PREPARED_PREFIX = "dtx:"
 
 

@@ -26,7 +26,7 @@ import asyncpg
 
 from dtx_runtime.errors import MigrationError
 
-_NAME = re.compile(r"^(?P<version>\d{4})_(?P<name>[a-z0-9_]+)\.sql$")
+_NAME = re.compile(r"^(?P<version>\d{4})_(?P<name>[a-z0-9_]+)\.sql\Z")
 
 _LEDGER = """
 CREATE TABLE IF NOT EXISTS dtx_schema_migrations (

@@ -45,10 +45,12 @@ def test_a_valid_request_passes() -> None:
     [
         ("g 1", [branch("a")], "gid"),
         ("x" * 101, [branch("a")], "gid"),
+        ("g\n", [branch("a")], "gid"),  # `$` would let a trailing newline through
         ("g", [], "branches: a transaction needs at least one branch"),
         ("g", [branch(f"b{i}") for i in range(17)], "branches: at most 16"),
         ("g", [branch("a"), branch("a")], "branches[1].branch: 'a' appears twice"),
         ("g", [branch("Bad")], "branches[0].branch"),
+        ("g", [branch("a\n")], "branches[0].branch"),
         ("g", [branch("a", "bank")], "branches[0].participant: unknown participant 'bank'"),
         ("g", [transactions_pb2.Branch(branch="a", participant="orders")], "branches[0].operation"),
     ],

@@ -41,6 +41,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import logging
+import re
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -87,13 +88,37 @@ class CompensationRefused(Exception):
     """The manager refused to undo a branch's effect (it is final); nothing changed."""
 
 
-_INSERT_PREPARE = """
-INSERT INTO dtx_barrier (gid, branch, op, outcome, operation)
-SELECT $1, $2, 'prepare', 'prepared', $3
-WHERE NOT EXISTS (SELECT 1 FROM pg_prepared_xacts WHERE gid = $4)
-ON CONFLICT DO NOTHING
-RETURNING true
-"""
+# The opening statements of a prepare and of an execute go in one round trip:
+# BEGIN, the lock timeout and the barrier row, as one simple-protocol query
+# (which takes no bind parameters, hence the literals; see _literal). Its
+# status, "INSERT 0 1" or "INSERT 0 0", says whether the row was new.
+_BEGIN_PREPARE = (
+    "BEGIN; SET LOCAL lock_timeout = {lock_timeout_ms:d};"
+    " INSERT INTO dtx_barrier (gid, branch, op, outcome, operation)"
+    " SELECT {gid}, {branch}, 'prepare', 'prepared', decode({operation}, 'hex')"
+    " WHERE NOT EXISTS (SELECT 1 FROM pg_prepared_xacts WHERE gid = {name})"
+    " ON CONFLICT DO NOTHING"
+)
+_BEGIN_EXECUTE = (
+    "BEGIN;"
+    " INSERT INTO dtx_barrier (gid, branch, op, outcome, reason, operation)"
+    " VALUES ({gid}, {branch}, 'action', 'done', '', decode({operation}, 'hex'))"
+    " ON CONFLICT DO NOTHING"
+)
+_INSERTED = "INSERT 0 1"
+_LITERAL_SAFE = re.compile(r"[A-Za-z0-9_:-]*\Z")
+
+
+def _literal(value: str) -> str:
+    """``value`` as an SQL string literal, for a name already checked by :func:`prepared_name`.
+
+    Only the identifier alphabet is accepted, so no quoting rule (nor
+    ``standard_conforming_strings``) can matter; anything else is a bug here.
+    """
+    if not _LITERAL_SAFE.match(value):
+        raise ValueError(f"not a checked gid, branch or prepared name: {value!r}")
+    return f"'{value}'"
+
 
 _RECORD = """
 INSERT INTO dtx_barrier (gid, branch, op, outcome, reason, operation)
@@ -130,12 +155,17 @@ class Barrier:
     ) -> Answer:
         name = prepared_name(gid, branch)
         self._manager.validate(operation)
-        payload = operation.SerializeToString()
+        begin = _BEGIN_PREPARE.format(
+            lock_timeout_ms=self._lock_timeout_ms,
+            gid=_literal(gid),
+            branch=_literal(branch),
+            operation=f"'{operation.SerializeToString().hex()}'",
+            name=_literal(name),
+        )
         async with self._pool.acquire() as conn:
             for _ in range(self._lock_attempts):
-                await conn.execute(f"BEGIN; SET LOCAL lock_timeout = {self._lock_timeout_ms}")
                 try:
-                    inserted = await conn.fetchval(_INSERT_PREPARE, gid, branch, payload, name)
+                    inserted = await conn.execute(begin) == _INSERTED
                     if not inserted:
                         await conn.execute("ROLLBACK")
                         return await self._earlier_prepare(conn, gid, branch, name)
@@ -216,11 +246,14 @@ class Barrier:
     async def _execute(
         self, gid: str, branch: str, operation: participant_pb2.BranchOperation
     ) -> Answer:
-        payload = operation.SerializeToString()
+        begin = _BEGIN_EXECUTE.format(
+            gid=_literal(gid),
+            branch=_literal(branch),
+            operation=f"'{operation.SerializeToString().hex()}'",
+        )
         async with self._pool.acquire() as conn:
-            await conn.execute("BEGIN")
             try:
-                inserted = await conn.fetchval(_RECORD, gid, branch, "action", "done", "", payload)
+                inserted = await conn.execute(begin) == _INSERTED
                 if not inserted:
                     await conn.execute("ROLLBACK")
                     row = await conn.fetchrow(_READ, gid, branch, "action")
