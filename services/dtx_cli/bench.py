@@ -15,6 +15,12 @@ It runs closed-loop at a fixed concurrency for a fixed time (its peak rate),
 then — once the overload's after-effects have passed — open-loop at half that
 rate to measure latency where the system is not saturated. Every service's
 resident memory is sampled during the load.
+
+Last, at the same spacing and with no orders in flight, it times the two
+steps every order is made of: an empty gRPC call (the orders service's health
+check) and an empty PostgreSQL round trip (``SELECT 1``). An order's latency
+cannot go below its sequential count of these (README: Benchmark), so they
+say what the machine allows before anything dtx does is counted.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from pathlib import Path
 
 import asyncpg
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from dtx.v1 import (
     common_pb2,
@@ -74,6 +81,11 @@ class PathResult:
     # A tail measured while neighbours steal is the neighbours' as much as ours.
     cpu_busy_percent: float = 0.0
     cpu_steal_percent: float = 0.0
+    # The empty steps at the half rate's spacing, idle otherwise (0: not measured).
+    hop_grpc_p50_ms: float = 0.0
+    hop_grpc_p99_ms: float = 0.0
+    hop_pg_p50_ms: float = 0.0
+    hop_pg_p99_ms: float = 0.0
 
 
 @dataclass
@@ -295,6 +307,8 @@ class _Fresh:
     probe: OutboxProbe
     every_db: list[str]
     pids: dict[str, int]
+    # An empty gRPC call to the orders service (None for the local path).
+    empty_grpc: Call | None = None
 
 
 @contextlib.asynccontextmanager
@@ -388,6 +402,7 @@ async def _fresh_system(
             probe,
             list(system.dsns.values()),
             {k: p.pid for k, p in system.procs.items() if p.pid is not None},
+            _health_call(health_pb2_grpc.HealthStub(by_service["orders"])),
         )
     finally:
         if probe is not None:
@@ -473,6 +488,8 @@ async def run_bench(
             result.errors += errors
             result.outbox_max_backlog = int(outbox["backlog"])
             result.outbox_max_oldest_unsent_s = round(outbox["oldest"], 3)
+            say(f"{path}: empty gRPC call and PostgreSQL round trip, {half:.0f}/s")
+            await _measure_hops(fresh, result, half, min(HOP_SECONDS, seconds / 4))
             report.results.append(result)
     report.peak_rss_mb = {k: round(v, 1) for k, v in rss.items()}
     direct = next((r for r in report.results if r.path == "direct"), None)
@@ -480,6 +497,40 @@ async def run_bench(
         if direct and direct.peak_orders_per_s:
             result.ratio_to_direct = round(result.peak_orders_per_s / direct.peak_orders_per_s, 2)
     return report
+
+
+HOP_SECONDS = 3.0
+
+
+async def _measure_hops(fresh: _Fresh, result: PathResult, rate: float, seconds: float) -> None:
+    """The empty steps' p50 and p99 at ``rate``, one kind after the other."""
+    workload = fresh.workload
+    if fresh.empty_grpc is not None:
+        latencies, _ = await _open_loop(fresh.empty_grpc, workload, rate, seconds)
+        result.hop_grpc_p50_ms = round(_pct(latencies, 0.5), 2)
+        result.hop_grpc_p99_ms = round(_pct(latencies, 0.99), 2)
+    conn = await asyncpg.connect(fresh.every_db[0])
+    try:
+        lock = asyncio.Lock()  # the rate may outrun a slow answer: one query at a time
+
+        async def select_one(account: str, items: dict[str, int]) -> None:
+            async with lock:
+                await conn.fetchval("SELECT 1")
+
+        latencies, _ = await _open_loop(select_one, workload, rate, seconds)
+    finally:
+        await conn.close()
+    result.hop_pg_p50_ms = round(_pct(latencies, 0.5), 2)
+    result.hop_pg_p99_ms = round(_pct(latencies, 0.99), 2)
+
+
+def _health_call(health: health_pb2_grpc.HealthStub) -> Call:
+    request = health_pb2.HealthCheckRequest()
+
+    async def call(account: str, items: dict[str, int]) -> None:
+        await health.Check(request, timeout=5)
+
+    return call
 
 
 def _order_call(
@@ -555,6 +606,12 @@ def summary_rows(report: BenchReport) -> list[list[str]]:
             str(r.errors),
             f"{r.outbox_max_backlog} / {r.outbox_max_oldest_unsent_s * 1000:.0f} ms",
             f"{r.cpu_busy_percent:.0f} / {r.cpu_steal_percent:.0f}",
+            _hop(r.hop_grpc_p50_ms, r.hop_grpc_p99_ms),
+            _hop(r.hop_pg_p50_ms, r.hop_pg_p99_ms),
         ]
         for r in report.results
     ]
+
+
+def _hop(p50_ms: float, p99_ms: float) -> str:
+    return f"{p50_ms:.2f} / {p99_ms:.2f}" if p50_ms else "-"

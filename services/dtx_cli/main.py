@@ -76,6 +76,8 @@ def bench(
         "errors",
         "outbox backlog / oldest",
         "cpu busy / steal %",
+        "empty gRPC call p50 / p99 ms",
+        "empty PG round trip p50 / p99 ms",
     ):
         table.add_column(column, justify="right")
     for row in summary_rows(report):

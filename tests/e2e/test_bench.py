@@ -51,6 +51,13 @@ async def test_every_path_is_measured_without_errors(infra: LocalInfra, tmp_path
         # The machine was measured over the half-rate phase: it ran the load.
         assert 0 < result.cpu_busy_percent <= 100, result
         assert 0 <= result.cpu_steal_percent <= 100 - result.cpu_busy_percent, result
+        # The empty steps were timed too: a PostgreSQL round trip on every path,
+        # a gRPC call wherever there are services to call.
+        assert 0 < result.hop_pg_p50_ms <= result.hop_pg_p99_ms, result
+        if result.path == "local":
+            assert result.hop_grpc_p50_ms == 0, result
+        else:
+            assert 0 < result.hop_grpc_p50_ms <= result.hop_grpc_p99_ms, result
     assert report.results[0].ratio_to_direct == 1.0
     assert set(report.peak_rss_mb) == {"coordinator", "orders", "payments", "inventory", "saga"}
     assert all(0 < mb < 500 for mb in report.peak_rss_mb.values())
