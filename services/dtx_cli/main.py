@@ -77,13 +77,16 @@ def bench(
         "outbox backlog / oldest",
         "cpu busy / steal %",
         "empty gRPC call p50 / p99 ms",
-        "empty PG round trip p50 / p99 ms",
+        "empty PG query p50 / p99 ms",
     ):
         table.add_column(column, justify="right")
     for row in summary_rows(report):
         table.add_row(*row)
-    Console().print(table)
-    Console().print(f"peak resident memory (MB): {report.peak_rss_mb}")
+    out = Console()
+    if not out.is_terminal:  # a file or a pipe: the whole table, not 80 columns of it
+        out = Console(width=200)
+    out.print(table)
+    out.print(f"peak resident memory (MB): {report.peak_rss_mb}")
 
 
 @app.command()
