@@ -461,8 +461,7 @@ async def run_bench(
                 result = PathResult(
                     path,
                     round(peak, 1),
-                    round(_pct(latencies, 0.5), 2),
-                    round(_pct(latencies, 0.99), 2),
+                    *_p50_p99(latencies),
                     errors=errors,
                 )
                 half = max(1.0, peak / 2)
@@ -507,8 +506,7 @@ async def _measure_hops(fresh: _Fresh, result: PathResult, rate: float, seconds:
     workload = fresh.workload
     if fresh.empty_grpc is not None:
         latencies, _ = await _open_loop(fresh.empty_grpc, workload, rate, seconds)
-        result.hop_grpc_p50_ms = round(_pct(latencies, 0.5), 2)
-        result.hop_grpc_p99_ms = round(_pct(latencies, 0.99), 2)
+        result.hop_grpc_p50_ms, result.hop_grpc_p99_ms = _p50_p99(latencies)
     conn = await asyncpg.connect(fresh.every_db[0])
     try:
         lock = asyncio.Lock()  # the rate may outrun a slow answer: one query at a time
@@ -520,8 +518,11 @@ async def _measure_hops(fresh: _Fresh, result: PathResult, rate: float, seconds:
         latencies, _ = await _open_loop(select_one, workload, rate, seconds)
     finally:
         await conn.close()
-    result.hop_pg_p50_ms = round(_pct(latencies, 0.5), 2)
-    result.hop_pg_p99_ms = round(_pct(latencies, 0.99), 2)
+    result.hop_pg_p50_ms, result.hop_pg_p99_ms = _p50_p99(latencies)
+
+
+def _p50_p99(samples: list[float]) -> tuple[float, float]:
+    return round(_pct(samples, 0.5), 2), round(_pct(samples, 0.99), 2)
 
 
 def _health_call(health: health_pb2_grpc.HealthStub) -> Call:

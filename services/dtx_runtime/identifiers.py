@@ -12,6 +12,8 @@ import re
 GID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,100}\Z")
 BRANCH_PATTERN = re.compile(r"^[a-z0-9_-]{1,40}\Z")
 PREPARED_PREFIX = "dtx:"
+# What sql_literal quotes: the union of both alphabets and the prepared name's ':'.
+_QUOTABLE = re.compile(r"[A-Za-z0-9_:-]*\Z")
 
 
 class InvalidIdentifier(ValueError):
@@ -33,6 +35,18 @@ def check_branch(branch: str) -> str:
 def prepared_name(gid: str, branch: str) -> str:
     """The PostgreSQL prepared-transaction id of a branch: ``dtx:<gid>:<branch>``."""
     return f"{PREPARED_PREFIX}{check_gid(gid)}:{check_branch(branch)}"
+
+
+def sql_literal(value: str) -> str:
+    """A checked gid, branch or prepared name as an SQL string literal.
+
+    For SQL that takes no bind parameters. Only the identifiers' alphabet is
+    accepted, so no quoting rule (nor ``standard_conforming_strings``) can
+    matter; anything else reaching here is a bug, refused.
+    """
+    if not _QUOTABLE.match(value):
+        raise ValueError(f"not a checked gid, branch or prepared name: {value!r}")
+    return f"'{value}'"
 
 
 def parse_prepared_name(name: str) -> tuple[str, str] | None:

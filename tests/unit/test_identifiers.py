@@ -10,6 +10,7 @@ from dtx_runtime.identifiers import (
     check_gid,
     parse_prepared_name,
     prepared_name,
+    sql_literal,
 )
 
 
@@ -36,3 +37,13 @@ def test_a_branch_outside_the_alphabet_is_refused_by_name(branch: str) -> None:
 )
 def test_names_dtx_did_not_make_are_not_parsed(name: str) -> None:
     assert parse_prepared_name(name) is None
+
+
+def test_checked_names_are_quoted_as_they_are() -> None:
+    assert sql_literal("dtx:order-1_A:payment") == "'dtx:order-1_A:payment'"
+
+
+@pytest.mark.parametrize("value", ["a'b", "a\\b", "a b", "a\n", "a;b", "a\x00"])
+def test_anything_else_is_refused_for_quoting(value: str) -> None:
+    with pytest.raises(ValueError, match="not a checked gid"):
+        sql_literal(value)

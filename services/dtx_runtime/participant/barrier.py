@@ -41,7 +41,6 @@ from __future__ import annotations
 import contextlib
 import enum
 import logging
-import re
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -50,7 +49,7 @@ from asyncpg.pool import PoolConnectionProxy
 
 from dtx.v1 import participant_pb2
 from dtx_runtime.failpoints import failpoint
-from dtx_runtime.identifiers import prepared_name
+from dtx_runtime.identifiers import prepared_name, sql_literal
 from dtx_runtime.participant.manager import Refusal, ResourceManager
 
 log = logging.getLogger(__name__)
@@ -90,34 +89,27 @@ class CompensationRefused(Exception):
 
 # The opening statements of a prepare and of an execute go in one round trip:
 # BEGIN, the lock timeout and the barrier row, as one simple-protocol query
-# (which takes no bind parameters, hence the literals; see _literal). Its
+# (which takes no bind parameters, hence the literals; see sql_literal). Its
 # status, "INSERT 0 1" or "INSERT 0 0", says whether the row was new.
 _BEGIN_PREPARE = (
     "BEGIN; SET LOCAL lock_timeout = {lock_timeout_ms:d};"
     " INSERT INTO dtx_barrier (gid, branch, op, outcome, operation)"
-    " SELECT {gid}, {branch}, 'prepare', 'prepared', decode({operation}, 'hex')"
+    " SELECT {gid}, {branch}, 'prepare', 'prepared', {operation}"
     " WHERE NOT EXISTS (SELECT 1 FROM pg_prepared_xacts WHERE gid = {name})"
     " ON CONFLICT DO NOTHING"
 )
 _BEGIN_EXECUTE = (
     "BEGIN;"
     " INSERT INTO dtx_barrier (gid, branch, op, outcome, reason, operation)"
-    " VALUES ({gid}, {branch}, 'action', 'done', '', decode({operation}, 'hex'))"
+    " VALUES ({gid}, {branch}, 'action', 'done', '', {operation})"
     " ON CONFLICT DO NOTHING"
 )
 _INSERTED = "INSERT 0 1"
-_LITERAL_SAFE = re.compile(r"[A-Za-z0-9_:-]*\Z")
 
 
-def _literal(value: str) -> str:
-    """``value`` as an SQL string literal, for a name already checked by :func:`prepared_name`.
-
-    Only the identifier alphabet is accepted, so no quoting rule (nor
-    ``standard_conforming_strings``) can matter; anything else is a bug here.
-    """
-    if not _LITERAL_SAFE.match(value):
-        raise ValueError(f"not a checked gid, branch or prepared name: {value!r}")
-    return f"'{value}'"
+def _bytea(data: bytes) -> str:
+    """``data`` as an SQL bytea expression, hex only: nothing in it needs quoting."""
+    return f"decode('{data.hex()}', 'hex')"
 
 
 _RECORD = """
@@ -157,10 +149,10 @@ class Barrier:
         self._manager.validate(operation)
         begin = _BEGIN_PREPARE.format(
             lock_timeout_ms=self._lock_timeout_ms,
-            gid=_literal(gid),
-            branch=_literal(branch),
-            operation=f"'{operation.SerializeToString().hex()}'",
-            name=_literal(name),
+            gid=sql_literal(gid),
+            branch=sql_literal(branch),
+            operation=_bytea(operation.SerializeToString()),
+            name=sql_literal(name),
         )
         async with self._pool.acquire() as conn:
             for _ in range(self._lock_attempts):
@@ -247,9 +239,9 @@ class Barrier:
         self, gid: str, branch: str, operation: participant_pb2.BranchOperation
     ) -> Answer:
         begin = _BEGIN_EXECUTE.format(
-            gid=_literal(gid),
-            branch=_literal(branch),
-            operation=f"'{operation.SerializeToString().hex()}'",
+            gid=sql_literal(gid),
+            branch=sql_literal(branch),
+            operation=_bytea(operation.SerializeToString()),
         )
         async with self._pool.acquire() as conn:
             try:
