@@ -1,11 +1,13 @@
 # dtx — one entry point for people and CI. Every target installs what it needs.
 #
 #   make test   lint, types and every test (unit, integration, e2e) on real servers
+#   make tools  build the Go tools the tests and the cluster use, provision PostgreSQL and
+#               Kafka's jars: once, cached in ~/.cache/dtx (make test runs it first)
 #   make run    the whole system, locally: infrastructure, every service, the demo,
 #               then the gateway keeps serving on http://127.0.0.1:8080 (Ctrl-C stops all)
 #
 # Caches live outside the repository: uv's in ~/.cache/uv, Kafka's jars and the
-# Kubernetes binaries in ~/.cache/dtx, Go's in its defaults.
+# Go-built tools in ~/.cache/dtx, Go's in its defaults.
 
 SHELL := /bin/bash
 export UV_PYTHON_DOWNLOADS := never
@@ -26,7 +28,7 @@ run: install
 bench: install
 	.venv/bin/dtx bench
 
-.PHONY: run bench install test lint typecheck unit integration e2e protos infra-up infra-down clean
+.PHONY: run bench install tools test lint typecheck unit integration e2e protos infra-up infra-down clean
 
 install: .venv/.synced
 
@@ -36,6 +38,10 @@ $(UV):
 .venv/.synced: pyproject.toml uv.lock | $(UV)
 	$(UV) sync --frozen --quiet
 	@touch $@
+
+# Every compile and download the tests need happens here, never under a test's timeout.
+tools: install
+	.venv/bin/dtx toolchain build
 
 protos: install
 	bash scripts/gen-protos.sh
@@ -50,14 +56,14 @@ typecheck: install
 unit: install
 	$(PY) -m pytest -m unit
 
-integration: install
+integration: tools
 	$(PY) -m pytest $(PYTEST_PARALLEL) -m integration
 
-e2e: install
+e2e: tools
 	$(PY) -m pytest $(PYTEST_PARALLEL) -m e2e
 
 # The README's test command.
-test: lint typecheck
+test: lint typecheck tools
 	$(PY) -m pytest $(PYTEST_PARALLEL)
 
 infra-up: install

@@ -8,6 +8,7 @@ developer or CI log shows always says what failed.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from typing import Annotated, TypeVar
 
@@ -85,4 +86,58 @@ def status() -> None:
     for comp in st.components:
         state = "[green]running[/green]" if comp.running else "[dim]stopped[/dim]"
         table.add_row(comp.name, state, str(comp.pid or "-"), str(comp.port))
+    _out.print(table)
+
+
+toolchain_app = typer.Typer(
+    name="toolchain",
+    help="Build the Go tools the tests and the local cluster use (cached in ~/.cache/dtx).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+@toolchain_app.command("build")
+def toolchain_build(
+    groups: Annotated[
+        list[str] | None, typer.Argument(help="Tool groups to build (default: every one).")
+    ] = None,
+    servers: Annotated[
+        bool,
+        typer.Option(help="Also provision PostgreSQL (Debian) and the Kafka broker's jars."),
+    ] = True,
+) -> None:
+    """Build every tool once (each group keyed by version), then provision the servers.
+
+    What `make tools` runs before the tests: nothing is compiled or fetched under a test's
+    timeout afterwards. Progress goes to stderr, one line per start and end, and a heartbeat
+    once a minute while a long build runs.
+    """
+    from dtx_infra import toolchain
+    from dtx_infra.kafka_jars import ensure_kafka_jars
+    from dtx_infra.pg_binaries import ensure_pg_binaries
+    from dtx_infra.settings import InfraSettings
+
+    if servers:
+        started = time.monotonic()
+        pg = _guard(ensure_pg_binaries)
+        cache = _guard(InfraSettings.resolve).cache_dir
+        _guard(lambda: ensure_kafka_jars(cache))
+        toolchain.say(
+            f"PostgreSQL {pg.version} and Kafka's jars ready in "
+            f"{toolchain.fmt_duration(time.monotonic() - started)}"
+        )
+    _guard(lambda: toolchain.build(groups or ()))
+
+
+@toolchain_app.command("status")
+def toolchain_status() -> None:
+    """Show each tool group: version, built or not, and where."""
+    from dtx_infra import toolchain
+
+    table = Table("group", "version", "state", "binaries", "directory", title="dtx toolchain")
+    for g, built in _guard(toolchain.status):
+        state = "[green]built[/green]" if built else "[red]missing[/red]"
+        table.add_row(g.name, g.version(), state, " ".join(g.binaries), str(g.bin_dir()))
     _out.print(table)

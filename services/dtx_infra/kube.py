@@ -5,9 +5,8 @@ actually does -- admission, RBAC, service-account tokens, the garbage collector 
 API. No kubelet or container runtime runs, so pods are never scheduled; everything the API
 server and the controllers do on their own works.
 
-Binaries are built from pinned sources by ``k8s/toolchain/build.sh`` and cached outside the
-repository (``${DTX_CACHE_DIR:-~/.cache/dtx}/k8s/<version>/bin``), so a test run needs no
-network and no Docker.
+Binaries are built from pinned sources by ``make tools`` (:mod:`dtx_infra.toolchain`) and
+cached outside the repository, so a test run builds nothing and needs no network or Docker.
 
 Usage::
 
@@ -24,7 +23,6 @@ import datetime
 import http.client
 import ipaddress
 import json
-import os
 import signal
 import ssl
 import subprocess
@@ -43,10 +41,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from dtx_infra import toolchain
 from dtx_infra.ports import free_ports
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-BUILD_SCRIPT = REPO_ROOT / "k8s" / "toolchain" / "build.sh"
 
 SERVICE_CIDR = "10.0.0.0/24"
 SERVICE_IP = "10.0.0.1"  # the first address of SERVICE_CIDR goes to the `kubernetes` Service
@@ -59,7 +57,7 @@ class KubeError(RuntimeError):
 
 @dataclass(frozen=True)
 class KubeBinaries:
-    """Paths of the pinned binaries built by ``k8s/toolchain/build.sh``."""
+    """Paths of the pinned control-plane binaries (built by ``make tools``)."""
 
     bin_dir: Path
     etcd: Path
@@ -68,51 +66,17 @@ class KubeBinaries:
     kubectl: Path
     helm: Path
 
-    @classmethod
-    def in_dir(cls, bin_dir: Path) -> KubeBinaries:
-        names = ("etcd", "kube-apiserver", "kube-controller-manager", "kubectl", "helm")
-        return cls(bin_dir, *(bin_dir / name for name in names))
 
-
-def ensure_binaries(timeout: float = 2 * 3600) -> KubeBinaries:
-    """Return the cached binaries, building them first if they are missing or stale.
-
-    build.sh itself decides (its stamp covers the pinned versions and go.mod/go.sum), so
-    calling this is cheap once the cache is warm. A cold build takes tens of minutes on
-    2 cores, hence the generous default ``timeout``; on timeout or interrupt the whole build
-    process group is killed so no stray ``go build`` keeps eating CPU.
-    """
-    proc = subprocess.Popen(
-        ["bash", str(BUILD_SCRIPT)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
+def built_binaries() -> KubeBinaries:
+    """The binaries ``make tools`` built; never builds (a missing one names ``make tools``)."""
+    return KubeBinaries(
+        toolchain.binary("kubectl").parent,
+        toolchain.binary("etcd"),
+        toolchain.binary("kube-apiserver"),
+        toolchain.binary("kube-controller-manager"),
+        toolchain.binary("kubectl"),
+        toolchain.binary("helm"),
     )
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except BaseException as exc:
-        os.killpg(proc.pid, signal.SIGKILL)
-        _, err = proc.communicate()
-        if isinstance(exc, subprocess.TimeoutExpired):
-            raise KubeError(
-                f"{BUILD_SCRIPT} did not finish within {timeout:.0f}s:\n{_tail_text(err)}"
-            ) from None
-        raise
-    lines = out.strip().splitlines()
-    if proc.returncode != 0 or not lines:
-        raise KubeError(f"{BUILD_SCRIPT} failed (exit {proc.returncode}):\n{_tail_text(err)}")
-    binaries = KubeBinaries.in_dir(Path(lines[-1]))
-    for path in (
-        binaries.etcd,
-        binaries.kube_apiserver,
-        binaries.kube_controller_manager,
-        binaries.kubectl,
-        binaries.helm,
-    ):
-        if not os.access(path, os.X_OK):
-            raise KubeError(f"{BUILD_SCRIPT} succeeded but {path} is missing or not executable")
-    return binaries
 
 
 @dataclass
@@ -155,7 +119,7 @@ class ControlPlane:
     @property
     def binaries(self) -> KubeBinaries:
         if self._binaries is None:
-            self._binaries = ensure_binaries()
+            self._binaries = built_binaries()
         return self._binaries
 
     @property

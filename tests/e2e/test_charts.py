@@ -36,7 +36,7 @@ import asyncpg
 import pytest
 import yaml
 
-from dtx_infra.kube import REPO_ROOT, ControlPlane, KubeBinaries, ensure_binaries
+from dtx_infra.kube import REPO_ROOT, ControlPlane, KubeBinaries, built_binaries
 from dtx_infra.pg_binaries import find_pg_binaries
 from tests.support.kube_harness import (
     AdminApi,
@@ -69,7 +69,7 @@ RESTRICTED_VOLUMES = {
 
 @pytest.fixture(scope="module")
 def binaries() -> KubeBinaries:
-    return ensure_binaries()
+    return built_binaries()
 
 
 def helm(
