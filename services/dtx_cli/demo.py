@@ -20,6 +20,7 @@ import aiohttp
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
+from rich.text import Text
 
 from dtx_gateway.auth import mint_token
 
@@ -126,7 +127,7 @@ def print_summary(report: DemoReport, console: Console) -> None:
     for (protocol, status), count in sorted(report.outcomes.items()):
         table.add_row(protocol, status, str(count))
     for error, count in sorted(report.errors.items()):
-        table.add_row("-", error, str(count))
+        table.add_row("-", Text(error), str(count))
     console.print(table)
     latency = Table(title="latency through the gateway (ms)")
     for column in ("protocol", "orders", "p50", "p95", "max"):
@@ -144,4 +145,5 @@ def print_summary(report: DemoReport, console: Console) -> None:
     console.print(latency)
     rejected = [o for o in report.orders if o.get("reason")]
     if rejected:
-        console.print(f"an example refusal: [italic]{rejected[0]['reason']}[/italic]")
+        # The reason is the services' text: never read as markup.
+        console.print("an example refusal:", Text(str(rejected[0]["reason"]), style="italic"))

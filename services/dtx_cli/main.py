@@ -11,7 +11,7 @@ import typer
 
 from dtx_cli.serve import SERVICES
 from dtx_cli.txn import txn_app
-from dtx_infra.cli import infra_app, toolchain_app
+from dtx_infra.cli import cluster_app, infra_app, toolchain_app
 
 # The local path last: its thousands of writes a second leave autovacuum and
 # checkpoint work behind that would otherwise land in the next path's figures.
@@ -58,7 +58,10 @@ def bench(
             concurrency=concurrency,
             seconds=seconds,
             paths=tuple(path),
-            progress=lambda line: console.print(f"[dim]{line}[/dim]"),
+            # Plain text: a line may carry a user's --path, never to be read as markup.
+            progress=lambda line: console.print(
+                line, style="dim", markup=False, emoji=False, highlight=False
+            ),
         )
     )
     if as_json:
@@ -162,6 +165,7 @@ def token(
 app.add_typer(infra_app, name="infra", help="Local PostgreSQL and Kafka: up, down, status.")
 app.add_typer(txn_app, name="txn")
 app.add_typer(toolchain_app, name="toolchain")
+app.add_typer(cluster_app, name="cluster")
 
 if __name__ == "__main__":
     app()

@@ -68,11 +68,19 @@ class LocalSystem:
         return self
 
     def start(self, timeout: float = 60) -> LocalSystem:
+        self.spawn()
+        self.wait_ready(timeout)
+        return self
+
+    def spawn(self) -> None:
+        """Start every process without waiting for it: quick, so never worth abandoning half-way."""
         for proc in self.procs.values():
             proc.start(wait=False)
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        """Block until every process is ready; raise if one exits or is not ready in ``timeout``."""
         for proc in self.procs.values():
             proc.wait_ready(timeout)
-        return self
 
     def stop(self) -> None:
         """SIGTERM everything (graceful), SIGKILL what does not stop in time."""

@@ -10,6 +10,7 @@ import aiohttp
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 txn_app = typer.Typer(no_args_is_help=True, help="List, show, retry and abort transactions.")
 
@@ -67,9 +68,8 @@ def list_(
     for column in ("gid", "protocol", "state", "reason"):
         table.add_column(column)
     for txn in data.get("transactions", data.get("items", [])):
-        table.add_row(
-            txn.get("gid", ""), txn.get("protocol", ""), txn.get("state", ""), txn.get("reason", "")
-        )
+        # Cells as Text: a reason holding square brackets is not rich markup.
+        table.add_row(*(Text(str(txn.get(k, ""))) for k in ("gid", "protocol", "state", "reason")))
     Console().print(table)
 
 

@@ -105,7 +105,10 @@ def toolchain_build(
     ] = None,
     servers: Annotated[
         bool,
-        typer.Option(help="Also provision PostgreSQL (Debian) and the Kafka broker's jars."),
+        typer.Option(
+            help="Also install the Debian packages (PostgreSQL, containerd, buildah, ...) "
+            "and resolve the Kafka broker's jars."
+        ),
     ] = True,
 ) -> None:
     """Build every tool once (each group keyed by version), then provision the servers.
@@ -114,13 +117,16 @@ def toolchain_build(
     timeout afterwards. Progress goes to stderr, one line per start and end, and a heartbeat
     once a minute while a long build runs.
     """
-    from dtx_infra import toolchain
+    from dtx_infra import debian, toolchain
     from dtx_infra.kafka_jars import ensure_kafka_jars
     from dtx_infra.pg_binaries import ensure_pg_binaries
     from dtx_infra.settings import InfraSettings
 
     if servers:
         started = time.monotonic()
+        installed = _guard(lambda: debian.install(debian.CLUSTER_PACKAGES))
+        if installed:
+            toolchain.say(f"installed from Debian: {' '.join(installed)}")
         pg = _guard(ensure_pg_binaries)
         cache = _guard(InfraSettings.resolve).cache_dir
         _guard(lambda: ensure_kafka_jars(cache))
@@ -141,3 +147,49 @@ def toolchain_status() -> None:
         state = "[green]built[/green]" if built else "[red]missing[/red]"
         table.add_row(g.name, g.version(), state, " ".join(g.binaries), str(g.bin_dir()))
     _out.print(table)
+
+
+cluster_app = typer.Typer(
+    name="cluster",
+    help="One real Kubernetes node on this machine (state in .dtx/cluster, or $DTX_CLUSTER_DIR).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+@cluster_app.command("up")
+def cluster_up(timeout: Timeout = 240.0) -> None:
+    """Start containerd, the control plane, kubelet, kube-proxy and CoreDNS (no-op if up)."""
+    from dtx_infra.cluster import Cluster
+
+    cluster = Cluster()
+    started = time.monotonic()
+    _guard(lambda: cluster.up(timeout_s=timeout))
+    _out.print(f"cluster up in {time.monotonic() - started:.0f}s; nodes Ready, CoreDNS Ready")
+    _out.print(f"kubeconfig  {cluster.kubeconfig}")
+    _out.print(f"server      {cluster.server}")
+
+
+@cluster_app.command("down")
+def cluster_down(timeout: Timeout = 120.0) -> None:
+    """Stop every component and remove its mounts, namespaces, bridges and iptables rules."""
+    from dtx_infra.cluster import Cluster
+
+    cluster = Cluster()
+    _guard(lambda: cluster.down(timeout_s=timeout))
+    _out.print(f"cluster down (state kept in {cluster.state_dir})")
+
+
+@cluster_app.command("status")
+def cluster_status() -> None:
+    """Each component's state and PID, and the kubeconfig path."""
+    from dtx_infra.cluster import Cluster
+
+    cluster = Cluster()
+    table = Table("component", "state", "pid", "log", title=f"dtx cluster ({cluster.state_dir})")
+    for comp in _guard(cluster.components):
+        state = "[green]running[/green]" if comp.running else "[dim]stopped[/dim]"
+        table.add_row(comp.name, state, str(comp.pid or "-"), str(comp.log))
+    _out.print(table)
+    _out.print(f"kubeconfig  {cluster.kubeconfig}")

@@ -328,8 +328,8 @@ class ControlPlane:
         """
         self.pki_dir.mkdir(parents=True, exist_ok=True)
         files: dict[str, bytes] = {}
-        ca = _issue("dtx-kube-ca", None, ca=True)
-        serving = _issue(
+        ca = issue_certificate("dtx-kube-ca", None, ca=True)
+        serving = issue_certificate(
             "kube-apiserver",
             ca,
             usage=ExtendedKeyUsageOID.SERVER_AUTH,
@@ -340,12 +340,12 @@ class ControlPlane:
                 x509.IPAddress(ipaddress.ip_address(SERVICE_IP)),
             ],
         )
-        admin = _issue("dtx-admin", ca, orgs=("system:masters",))
-        kcm = _issue("system:kube-controller-manager", ca)
+        admin = issue_certificate("dtx-admin", ca, orgs=("system:masters",))
+        kcm = issue_certificate("system:kube-controller-manager", ca)
         # A separate CA, so no certificate from ca (which also signs approved CSRs) can
         # act as the front proxy and assert arbitrary identities in headers.
-        proxy_ca = _issue("dtx-front-proxy-ca", None, ca=True)
-        proxy_client = _issue("front-proxy-client", proxy_ca)
+        proxy_ca = issue_certificate("dtx-front-proxy-ca", None, ca=True)
+        proxy_client = issue_certificate("front-proxy-client", proxy_ca)
         issued = {
             "ca": ca,
             "serving": serving,
@@ -356,9 +356,9 @@ class ControlPlane:
         }
         for name, (cert, key) in issued.items():
             files[f"{name}.crt"] = cert.public_bytes(serialization.Encoding.PEM)
-            files[f"{name}.key"] = _key_pem(key)
+            files[f"{name}.key"] = key_pem(key)
         sa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-        files["sa.key"] = _key_pem(sa_key)
+        files["sa.key"] = key_pem(sa_key)
         files["sa.pub"] = sa_key.public_key().public_bytes(
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
         )
@@ -373,7 +373,7 @@ class ControlPlane:
             (self.state_dir / "controller-manager.kubeconfig", "kcm"),
         ):
             path.write_text(
-                _kubeconfig(
+                kubeconfig_json(
                     self.server, files["ca.crt"], files[f"{user}.crt"], files[f"{user}.key"]
                 )
             )
@@ -381,18 +381,18 @@ class ControlPlane:
         return paths
 
 
-_CertAndKey = tuple[x509.Certificate, ec.EllipticCurvePrivateKey]
+CertAndKey = tuple[x509.Certificate, ec.EllipticCurvePrivateKey]
 
 
-def _issue(
+def issue_certificate(
     common_name: str,
-    signer: _CertAndKey | None,
+    signer: CertAndKey | None,
     *,
     orgs: tuple[str, ...] = (),
     ca: bool = False,
     usage: x509.ObjectIdentifier = ExtendedKeyUsageOID.CLIENT_AUTH,
     sans: list[x509.GeneralName] | None = None,
-) -> _CertAndKey:
+) -> CertAndKey:
     """Issue an ECDSA P-256 certificate (self-signed when ``signer`` is None).
 
     Carries the extensions strict verifiers (Python 3.13's default X509_STRICT, Go) expect.
@@ -441,7 +441,7 @@ def _issue(
     return builder.sign(issuer_key, hashes.SHA256()), key
 
 
-def _key_pem(key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey) -> bytes:
+def key_pem(key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey) -> bytes:
     return key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
@@ -458,7 +458,7 @@ def _kubernetes_service_names() -> list[str]:
     ]
 
 
-def _kubeconfig(server: str, ca: bytes, cert: bytes, key: bytes) -> str:
+def kubeconfig_json(server: str, ca: bytes, cert: bytes, key: bytes) -> str:
     """A kubeconfig with embedded credentials. JSON is valid YAML, so every client reads it."""
 
     def b64(data: bytes) -> str:

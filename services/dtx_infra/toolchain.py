@@ -154,18 +154,28 @@ GROUPS: tuple[ToolGroup, ...] = (
     ToolGroup(
         "prometheus",
         "github.com/prometheus/prometheus",
-        {"promtool": "github.com/prometheus/prometheus/cmd/promtool"},
+        {
+            "promtool": "github.com/prometheus/prometheus/cmd/promtool",
+            "prometheus": "github.com/prometheus/prometheus/cmd/prometheus",
+        },
         _prometheus_ldflags,
-        # Prometheus' documented tag: leaves out a dozen cloud service-discovery SDKs that
-        # rule checks never touch, more than halving a cold build.
-        tags=("remove_all_sd",),
-        used_by="the alert rules' checks and unit tests, the dashboards' PromQL",
+        # Prometheus' documented tags: leave out a dozen cloud service-discovery SDKs that
+        # neither the rule checks nor the in-cluster server use (more than halving a cold
+        # build), keeping the Kubernetes discovery the chart's scrape configuration needs.
+        tags=("remove_all_sd", "enable_kubernetes_sd"),
+        used_by="the alert rules' checks, the dashboards' PromQL, the in-cluster Prometheus",
     ),
     ToolGroup(
         "jaeger",
         "github.com/jaegertracing/jaeger",
         {"jaeger": "github.com/jaegertracing/jaeger/cmd/jaeger"},
         used_by="the OTLP trace backend of the trace test (Apache-2.0; Tempo is AGPL)",
+    ),
+    ToolGroup(
+        "coredns",
+        "github.com/coredns/coredns",
+        {"coredns": "github.com/coredns/coredns"},
+        used_by="the cluster DNS of `dtx cluster up`",
     ),
 )
 
