@@ -247,7 +247,9 @@ def build_group(g: ToolGroup, timeout_s: float = BUILD_TIMEOUT_S) -> Path:
             "nice", "-n", "10", _go(), "build", "-trimpath",
             "-ldflags", f"-s -w {g.ldflags(version)}".strip(),
             *(["-tags", ",".join(g.tags)] if g.tags else []),
-            "-o", str(staging) + "/",
+            # One package: name the file (go would call go.etcd.io/etcd/server/v3 "server").
+            "-o", str(staging / next(iter(g.binaries))) if len(g.binaries) == 1
+            else str(staging) + "/",
             *g.binaries.values(),
         ]  # fmt: skip
         env = {
@@ -285,6 +287,9 @@ def build_group(g: ToolGroup, timeout_s: float = BUILD_TIMEOUT_S) -> Path:
                 f"building {g.name} {version} failed (exit {code}); log {log}",
                 tail_file(log),
             )
+        absent = [b for b in g.binaries if not os.access(staging / b, os.X_OK)]
+        if absent:
+            raise InfraError(f"building {g.name} made no {', '.join(absent)}; log {log}")
         (staging / ".complete").write_text(f"{g.name} {version} {g.digest()}\n")
         staging.parent.rename(bin_dir.parent)  # atomic: never a half-filled bin directory
         say(f"built {g.name} {version} in {fmt_duration(time.monotonic() - start)}")
