@@ -53,6 +53,8 @@ OBS = REPO_ROOT / "observability" / "chart"
 CI_VALUES = sorted((APP / "ci").glob("*.yaml"))
 POLICY_API = "dtx.dev/v1alpha1/TransactionPolicy"
 NS, OBS_NS = "dtx", "observability"
+# The observability chart's trace stores (tracing.backend): helm args of each.
+OBS_BACKENDS = {"tempo": [], "jaeger": ["--set", "tracing.backend=jaeger"]}
 WORKLOADS = ("Deployment", "StatefulSet", "DaemonSet", "Job", "CronJob")
 # Volume types the restricted Pod Security Standard allows.
 RESTRICTED_VOLUMES = {
@@ -129,6 +131,11 @@ def test_lint_strict(binaries: KubeBinaries, chart: Path, values: Path | None) -
     assert "0 chart(s) failed" in out, out
 
 
+def test_lint_strict_observability_with_jaeger(binaries: KubeBinaries) -> None:
+    out = helm(binaries, "lint", "--strict", str(OBS), *OBS_BACKENDS["jaeger"]).stdout
+    assert "0 chart(s) failed" in out, out
+
+
 @pytest.mark.parametrize(("name", "args"), RENDERINGS, ids=[r[0] for r in RENDERINGS])
 def test_app_chart_renders(binaries: KubeBinaries, name: str, args: list[str]) -> None:
     rendered = objects(render(binaries, APP, *args))
@@ -160,6 +167,104 @@ def test_other_charts_render(binaries: KubeBinaries) -> None:
         assert ("Service", f"dtx-observability-{name}") in kinds
     assert ("ConfigMap", "dtx-observability-grafana-dashboards") in kinds
     assert ("ConfigMap", "dtx-observability-prometheus-rules") in kinds
+    # Tempo is the default trace store: nothing of Jaeger's.
+    assert not [k for k in kinds if "jaeger" in k[1]], kinds
+
+
+def trace_store_ports(backend: str) -> dict[str, int]:
+    values = yaml.safe_load((OBS / "values.yaml").read_text())[backend]
+    return {k: v for k, v in values.items() if k.endswith("Port")}
+
+
+@pytest.mark.parametrize(
+    ("backend", "args"),
+    [
+        *OBS_BACKENDS.items(),
+        ("none", ["--set", "tracing.backend=jaeger", "--set", "jaeger.enabled=false"]),
+    ],
+    ids=[*OBS_BACKENDS, "jaeger-disabled"],
+)
+def test_observability_chart_renders_the_chosen_trace_store(
+    binaries: KubeBinaries, backend: str, args: list[str]
+) -> None:
+    """tracing.backend picks Tempo or Jaeger: its objects render, the other's do not, and
+    Grafana's trace data source (and the exemplars' link) is the chosen one."""
+    rendered = objects(render(binaries, OBS, *args, release="dtx-observability"))
+    kinds = {(o["kind"], o["metadata"]["name"]) for o in rendered}
+    for store in ("tempo", "jaeger"):
+        objs = {k for k in kinds if k[1] == f"dtx-observability-{store}"}
+        if store == backend:
+            assert objs == {
+                (kind, f"dtx-observability-{store}")
+                for kind in ("ConfigMap", "ServiceAccount", "Deployment", "Service")
+            }
+        else:
+            assert not objs
+            assert not [k for k in kinds if store in k[1]], kinds
+    grafana = by_kind(rendered, "ConfigMap")["dtx-observability-grafana-provisioning"]
+    sources = {
+        d["uid"]: d for d in yaml.safe_load(grafana["data"]["datasources.yaml"])["datasources"]
+    }
+    exemplars = sources["prometheus"]["jsonData"].get("exemplarTraceIdDestinations", [])
+    if backend == "none":
+        assert set(sources) == {"prometheus"}
+        assert not exemplars
+        return
+    assert set(sources) == {"prometheus", backend}
+    ports = trace_store_ports(backend)
+    assert sources[backend]["type"] == backend
+    assert sources[backend]["url"] == (
+        f"http://dtx-observability-{backend}.{OBS_NS}.svc.cluster.local:{ports['httpPort']}"
+    )
+    assert {e["datasourceUid"] for e in exemplars} == {backend}
+    # The services' OTLP endpoint is <release>-<backend>:4317 either way (and charts/dtx's
+    # NetworkPolicy opens 4317 and 4318).
+    service = by_kind(rendered, "Service")[f"dtx-observability-{backend}"]
+    assert {(p["name"], p["port"]) for p in service["spec"]["ports"]} >= {
+        ("otlp-grpc", 4317),
+        ("otlp-http", 4318),
+        ("http", ports["httpPort"]),
+    }
+
+
+def test_jaeger_configuration(binaries: KubeBinaries) -> None:
+    """The Jaeger v2 configuration the chart renders: OTLP in, a bounded in-memory store,
+    the query API, a health check the probes use, its metrics scraped."""
+    rendered = objects(render(binaries, OBS, *OBS_BACKENDS["jaeger"], release="dtx-observability"))
+    ports = trace_store_ports("jaeger")
+    cm = by_kind(rendered, "ConfigMap")["dtx-observability-jaeger"]
+    config = yaml.safe_load(cm["data"]["jaeger.yaml"])
+    protocols = config["receivers"]["otlp"]["protocols"]
+    assert protocols["grpc"]["endpoint"] == f"0.0.0.0:{ports['otlpGrpcPort']}"
+    assert protocols["http"]["endpoint"] == f"0.0.0.0:{ports['otlpHttpPort']}"
+    extensions = config["extensions"]
+    [backend] = extensions["jaeger_storage"]["backends"].values()
+    assert backend == {"memory": {"max_traces": 10000}}
+    assert extensions["jaeger_query"]["http"]["endpoint"] == f"0.0.0.0:{ports['httpPort']}"
+    assert extensions["jaeger_query"]["enable_tracing"] is False  # no spans of its own
+    health = extensions["healthcheckv2"]
+    assert health["use_v2"] is True
+    assert health["http"]["endpoint"] == f"0.0.0.0:{ports['healthPort']}"
+    pipeline = config["service"]["pipelines"]["traces"]
+    assert pipeline["receivers"] == ["otlp"]
+    assert pipeline["exporters"] == ["jaeger_storage_exporter"]
+    assert set(config["service"]["extensions"]) == {
+        "jaeger_storage",
+        "jaeger_query",
+        "healthcheckv2",
+    }
+    deployment = by_kind(rendered, "Deployment")["dtx-observability-jaeger"]
+    pod = deployment["spec"]["template"]
+    [container] = pod["spec"]["containers"]
+    assert container["image"] == "jaegertracing/jaeger:2.12.0"
+    assert container["args"] == ["--config=/conf/jaeger.yaml"]
+    named = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert named["health"] == ports["healthPort"]
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert container[probe]["httpGet"] == {"path": "/status", "port": "health"}
+    annotations = pod["metadata"]["annotations"]
+    assert annotations["prometheus.io/port"] == str(ports["metricsPort"])
+    assert named["metrics"] == ports["metricsPort"]
 
 
 @pytest.mark.parametrize(
@@ -200,10 +305,30 @@ def test_schema_refuses(binaries: KubeBinaries, set_args: list[str], message: st
     assert message in result.stderr, result.stderr
 
 
-def test_observability_schema_refuses_unknown_keys(binaries: KubeBinaries) -> None:
-    result = helm(binaries, "template", "o", str(OBS), "--set", "tempo.retension=1h", check=False)
+@pytest.mark.parametrize(
+    ("set_arg", "message"),
+    [
+        ("tempo.retension=1h", "additional properties 'retension' not allowed"),
+        ("jaeger.maxTrace=10", "additional properties 'maxTrace' not allowed"),
+        ("tracing.sampler=1", "additional properties 'sampler' not allowed"),
+        ("tracing.backend=zipkin", "value must be one of 'tempo', 'jaeger'"),
+        ("jaeger.maxTraces=0", "minimum: got 0, want 1"),
+        ("jaeger.healthPort=70000", "maximum: got 70,000, want 65,535"),
+    ],
+    ids=[
+        "tempo-unknown-key",
+        "jaeger-unknown-key",
+        "tracing-unknown-key",
+        "unknown-backend",
+        "unbounded-store",
+        "port",
+    ],
+)
+def test_observability_schema_refuses(binaries: KubeBinaries, set_arg: str, message: str) -> None:
+    result = helm(binaries, "template", "o", str(OBS), "--set", set_arg, check=False)
     assert result.returncode != 0
-    assert "additional properties 'retension' not allowed" in result.stderr, result.stderr
+    assert "values don't meet the specifications of the schema" in result.stderr, result.stderr
+    assert message in result.stderr, result.stderr
 
 
 def test_external_database_is_required_without_postgresql(binaries: KubeBinaries) -> None:
@@ -271,9 +396,13 @@ def test_every_pod_is_restricted(binaries: KubeBinaries, name: str, args: list[s
         )
 
 
-def test_observability_pods_are_restricted(binaries: KubeBinaries) -> None:
-    specs = list(pod_specs(objects(render(binaries, OBS, release="dtx-observability"))))
-    assert len(specs) == 3
+@pytest.mark.parametrize("backend", list(OBS_BACKENDS))
+def test_observability_pods_are_restricted(binaries: KubeBinaries, backend: str) -> None:
+    rendered = objects(render(binaries, OBS, *OBS_BACKENDS[backend], release="dtx-observability"))
+    specs = list(pod_specs(rendered))
+    assert {where for where, _ in specs} == {
+        f"Deployment/dtx-observability-{name}" for name in (backend, "prometheus", "grafana")
+    }
     for where, spec in specs:
         assert_restricted(where, spec)
 
@@ -528,8 +657,12 @@ def test_api_server_accepts_app_chart(
 def test_api_server_accepts_crd_and_observability_charts(
     cp: ControlPlane, binaries: KubeBinaries
 ) -> None:
-    for chart, release in ((CRDS, "dtx-crds"), (OBS, "dtx-observability")):
-        manifests = render(binaries, chart, release=release)
+    renderings: list[tuple[Path, str, list[str]]] = [
+        (CRDS, "dtx-crds", []),
+        *((OBS, "dtx-observability", args) for args in OBS_BACKENDS.values()),
+    ]
+    for chart, release, args in renderings:
+        manifests = render(binaries, chart, *args, release=release)
         result = dry_run_server(cp, manifests)
         assert result.returncode == 0, result.stderr
         assert "PodSecurity" not in result.stderr, result.stderr

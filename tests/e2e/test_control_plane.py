@@ -25,9 +25,9 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(3 * 3600)]
 
 
 def _pinned_release() -> str:
-    go_mod = (REPO_ROOT / "k8s" / "toolchain" / "go.mod").read_text()
+    go_mod = (REPO_ROOT / "toolchain" / "kubernetes" / "go.mod").read_text()
     match = re.search(r"^\s*k8s\.io/kubernetes (v\S+)", go_mod, re.MULTILINE)
-    assert match, "k8s.io/kubernetes is not pinned in k8s/toolchain/go.mod"
+    assert match, "k8s.io/kubernetes is not pinned in toolchain/kubernetes/go.mod"
     return match.group(1)
 
 

@@ -8,11 +8,14 @@
 - every metric the dashboards and rules name is exported by the real services: the whole
   system runs on loopback (with Kafka, the saga orchestrator, notifications and the
   gateway), takes a few orders, and each service's /metrics is read;
-- one order placed through the gateway is ONE trace in a real Tempo (the chart's own
-  configuration, run on loopback), with spans of the gateway, orders, the coordinator (or
-  the saga orchestrator), each participant and, across Kafka, notifications.
+- one order placed through the gateway is ONE trace in a real Jaeger (v2, the chart's own
+  configuration with tracing.backend=jaeger, run on loopback), with spans of the gateway,
+  orders, the coordinator (or the saga orchestrator), each participant and, across Kafka,
+  notifications.
 
-promtool and Tempo are built from pinned sources by scripts/tools/build.sh (cached).
+promtool, helm and jaeger are built from pinned sources (toolchain/) by `make tools`
+(`dtx toolchain build`) before the tests; a test only looks them up
+(dtx_infra.toolchain.binary) and never builds.
 """
 
 from __future__ import annotations
@@ -21,9 +24,7 @@ import asyncio
 import base64
 import contextlib
 import json
-import os
 import re
-import signal
 import subprocess
 import time
 import urllib.error
@@ -40,47 +41,26 @@ import yaml
 
 from dtx_cli.processes import free_port
 from dtx_gateway.auth import mint_token
-from dtx_infra.kube import REPO_ROOT, ensure_binaries
+from dtx_infra import toolchain
+from dtx_infra.kube import REPO_ROOT
 from dtx_runtime.outbox import delete_topics
 from tests.support.stack import Stack
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(3 * 3600)]
 
-BUILD = REPO_ROOT / "scripts" / "tools" / "build.sh"
 OBSERVABILITY = REPO_ROOT / "observability"
 RULES = OBSERVABILITY / "rules" / "dtx-alerts.yaml"
 RULE_TESTS = OBSERVABILITY / "rules" / "dtx-alerts.test.yaml"
 DASHBOARDS = sorted((OBSERVABILITY / "dashboards").glob("*.json"))
 SECRET = "e2e-observability-secret-0123456789abcdef"
 TOPICS = ("dtx.orders", "dtx.payments", "dtx.inventory", "dtx.deadletter")
-# Made by Prometheus itself or by Tempo's metrics generator, not by a dtx service.
+# Made by Prometheus itself, not by a dtx service.
 NOT_FROM_SERVICES = {"up"}
-
-
-def build_tool(name: str, timeout: float = 2 * 3600) -> Path:
-    """The cached binary (scripts/tools/build.sh builds it first when missing or stale)."""
-    proc = subprocess.Popen(
-        ["bash", str(BUILD), name],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except BaseException:
-        os.killpg(proc.pid, signal.SIGKILL)  # no stray `go build` left eating the CPU
-        proc.communicate()
-        raise
-    assert proc.returncode == 0, f"{BUILD} {name} failed:\n{err[-4000:]}"
-    path = Path(out.strip().splitlines()[-1])
-    assert os.access(path, os.X_OK), path
-    return path
 
 
 @pytest.fixture(scope="module")
 def promtool() -> Path:
-    return build_tool("promtool")
+    return toolchain.binary("promtool")
 
 
 def run(tool: Path, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
@@ -190,7 +170,7 @@ def test_the_expression_check_catches_a_broken_expression(promtool: Path, tmp_pa
 
 
 def render_observability(*args: str) -> list[dict[str, Any]]:
-    helm = ensure_binaries().helm
+    helm = toolchain.binary("helm")
     out = subprocess.run(
         [
             str(helm),
@@ -373,22 +353,32 @@ async def test_every_metric_used_is_exported_by_the_services(
 
 
 @dataclass
-class Tempo:
+class Jaeger:
     process: subprocess.Popen[bytes]
-    http: str
+    http: str  # the query API (api_v3) and UI
     otlp_grpc: str
+    health: str
     log: Path
 
     def tail(self, lines: int = 40) -> str:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
 
+    def healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(self.health, timeout=2) as response:
+                return bool(response.status == 200)
+        except OSError:  # not listening yet, or 503 while starting (HTTPError is an OSError)
+            return False
+
     def trace(self, trace_id: str) -> dict[str, Any] | None:
+        """The trace as OTLP JSON ({"resourceSpans": [...]}) from api_v3; None while Jaeger
+        has none of its spans (404)."""
         request = urllib.request.Request(
-            f"{self.http}/api/traces/{trace_id}", headers={"Accept": "application/json"}
+            f"{self.http}/api/v3/traces/{trace_id}", headers={"Accept": "application/json"}
         )
         try:
             with urllib.request.urlopen(request, timeout=10) as response:
-                found: dict[str, Any] = json.load(response)
+                found: dict[str, Any] = json.load(response)["result"]
                 return found
         except urllib.error.HTTPError as exc:
             if exc.code == 404:
@@ -396,111 +386,119 @@ class Tempo:
             raise
 
 
-def tempo_config(state: Path) -> tuple[dict[str, Any], dict[str, int]]:
-    """The chart's Tempo configuration, moved onto loopback ports and a local directory."""
+def listen_addresses(config: Any, path: str = "") -> dict[str, str]:
+    """Every address in a collector configuration a server would listen on, by its path."""
+    found: dict[str, str] = {}
+    if isinstance(config, dict):
+        for key, value in config.items():
+            where = f"{path}.{key}" if path else str(key)
+            if key in ("endpoint", "host") and isinstance(value, str):
+                found[where] = value
+            else:
+                found |= listen_addresses(value, where)
+    elif isinstance(config, list):
+        for i, value in enumerate(config):
+            found |= listen_addresses(value, f"{path}[{i}]")
+    return found
+
+
+def jaeger_config() -> tuple[dict[str, Any], dict[str, int]]:
+    """The chart's Jaeger configuration (tracing.backend=jaeger), every listener moved onto
+    a free loopback port."""
     rendered = render_observability(
-        "--set", "prometheus.enabled=false", "--set", "grafana.enabled=false"
+        "--set",
+        "tracing.backend=jaeger",
+        "--set",
+        "prometheus.enabled=false",
+        "--set",
+        "grafana.enabled=false",
     )
+    assert not [o for o in rendered if "tempo" in o["metadata"]["name"]]
     config: dict[str, Any] = yaml.safe_load(
-        configmap(rendered, "dtx-observability-tempo")["tempo.yaml"]
+        configmap(rendered, "dtx-observability-jaeger")["jaeger.yaml"]
     )
-    ports = {name: free_port() for name in ("http", "grpc", "otlp_grpc", "otlp_http", "memberlist")}
-    config["server"].update(
-        http_listen_address="127.0.0.1",
-        http_listen_port=ports["http"],
-        grpc_listen_address="127.0.0.1",
-        grpc_listen_port=ports["grpc"],
-    )
-    protocols = config["distributor"]["receivers"]["otlp"]["protocols"]
-    protocols["grpc"]["endpoint"] = f"127.0.0.1:{ports['otlp_grpc']}"
-    protocols["http"]["endpoint"] = f"127.0.0.1:{ports['otlp_http']}"
-    text = json.dumps(config).replace("/var/tempo/", f"{state}/")
-    config = json.loads(text)
-    # A single process on loopback: no gossip beyond itself, rings in memory, every
-    # component's address 127.0.0.1 (never an interface's).
-    config["memberlist"] = {
-        "bind_addr": ["127.0.0.1"],
-        "bind_port": ports["memberlist"],
-        "advertise_addr": "127.0.0.1",
-        "advertise_port": ports["memberlist"],
-    }
-    inmemory = {"kvstore": {"store": "inmemory"}}
-    config["ingester"]["lifecycler"] = {
-        "address": "127.0.0.1",
-        "ring": {**inmemory, "replication_factor": 1},
-    }
-    config["distributor"]["ring"] = {**inmemory, "instance_addr": "127.0.0.1"}
-    # One compactor alone in its ring: waiting a minute for the ring to settle
-    # (the default) would only delay readiness.
-    config["compactor"]["ring"] = {
-        **inmemory,
-        "instance_addr": "127.0.0.1",
-        "wait_stability_min_duration": "0s",
-    }
-    config["metrics_generator"]["ring"] = {**inmemory, "instance_addr": "127.0.0.1"}
-    config["querier"] = {"frontend_worker": {"frontend_address": f"127.0.0.1:{ports['grpc']}"}}
+    names = ("otlp_grpc", "otlp_http", "query_http", "query_grpc", "health", "metrics")
+    ports = {name: free_port() for name in names}
+
+    def loopback(name: str) -> str:
+        return f"127.0.0.1:{ports[name]}"
+
+    protocols = config["receivers"]["otlp"]["protocols"]
+    protocols["grpc"]["endpoint"] = loopback("otlp_grpc")
+    protocols["http"]["endpoint"] = loopback("otlp_http")
+    extensions = config["extensions"]
+    extensions["jaeger_query"]["http"]["endpoint"] = loopback("query_http")
+    extensions["jaeger_query"]["grpc"]["endpoint"] = loopback("query_grpc")
+    extensions["healthcheckv2"]["http"]["endpoint"] = loopback("health")
+    # The collector's own metrics (Prometheus exporter), on loopback too.
+    [reader] = config["service"]["telemetry"]["metrics"]["readers"]
+    reader["pull"]["exporter"]["prometheus"].update(host="127.0.0.1", port=ports["metrics"])
+    # Nothing left listening on another interface or on a fixed port (a listener the chart
+    # adds later fails here, not as a port clash or an open port).
+    addresses = listen_addresses(config)
+    assert len(addresses) == len(ports), addresses
+    assert all(a.startswith("127.0.0.1") for a in addresses.values()), addresses
     return config, ports
 
 
 @pytest.fixture
-def tempo(tmp_path: Path) -> Iterator[Tempo]:
-    binary = build_tool("tempo")
-    state = tmp_path / "tempo"
+def jaeger(tmp_path: Path) -> Iterator[Jaeger]:
+    binary = toolchain.binary("jaeger")
+    state = tmp_path / "jaeger"
     state.mkdir()
-    config, ports = tempo_config(state)
-    path = state / "tempo.yaml"
+    config, ports = jaeger_config()
+    path = state / "jaeger.yaml"
     path.write_text(yaml.safe_dump(config))
-    log = state / "tempo.log"
+    log = state / "jaeger.log"
     with log.open("wb") as out:
         process = subprocess.Popen(
-            [str(binary), f"-config.file={path}"],
+            [str(binary), "--config", str(path)],
             stdout=out,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             cwd=state,
             start_new_session=True,
         )
-    server = Tempo(
-        process, f"http://127.0.0.1:{ports['http']}", f"http://127.0.0.1:{ports['otlp_grpc']}", log
+    health = config["extensions"]["healthcheckv2"]["http"]["status"]["path"]
+    server = Jaeger(
+        process,
+        http=f"http://127.0.0.1:{ports['query_http']}",
+        otlp_grpc=f"http://127.0.0.1:{ports['otlp_grpc']}",
+        health=f"http://127.0.0.1:{ports['health']}{health}",
+        log=log,
     )
     try:
-        deadline = time.monotonic() + 120
-        while True:
+        deadline = time.monotonic() + 60
+        while not server.healthy():
             assert process.poll() is None, (
-                f"tempo exited with {process.returncode}:\n{server.tail()}"
+                f"jaeger exited with {process.returncode}:\n{server.tail()}"
             )
-            with (
-                contextlib.suppress(OSError),
-                urllib.request.urlopen(f"{server.http}/ready", timeout=2) as response,
-            ):
-                if response.status == 200:
-                    break
-            assert time.monotonic() < deadline, f"tempo not ready:\n{server.tail()}"
+            assert time.monotonic() < deadline, f"jaeger not healthy:\n{server.tail()}"
             time.sleep(0.5)
         yield server
     finally:
         if process.poll() is None:
             process.terminate()
             try:
-                process.wait(5)  # its data is thrown away: no need to wait for a clean exit
+                process.wait(5)  # its data is in memory, thrown away: no clean exit needed
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
 
 
 def spans_by_service(trace: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
-    """service.name -> spans, from Tempo's OTLP JSON (batches or resourceSpans)."""
+    """service.name -> spans, from OTLP JSON (resourceSpans, as Jaeger's api_v3 returns)."""
     found: dict[str, list[dict[str, Any]]] = {}
-    for batch in trace.get("batches") or trace.get("resourceSpans") or []:
+    for batch in trace.get("resourceSpans") or []:
         attributes = {a["key"]: a["value"] for a in batch["resource"].get("attributes", [])}
         service = attributes.get("service.name", {}).get("stringValue", "?")
-        for scope in batch.get("scopeSpans") or batch.get("instrumentationLibrarySpans") or []:
+        for scope in batch.get("scopeSpans") or []:
             found.setdefault(service, []).extend(scope.get("spans", []))
     return found
 
 
 def hex_id(value: str) -> str:
-    """Tempo's JSON ids are base64 of the bytes (protobuf JSON) or already hex."""
+    """An id as hex: OTLP's JSON encoding has hex ids, protobuf's canonical JSON base64."""
     if re.fullmatch(r"[0-9a-f]{16}|[0-9a-f]{32}", value):
         return value
     return base64.b64decode(value).hex()
@@ -516,14 +514,14 @@ def _consumers_have_parents(found: dict[str, list[dict[str, Any]]]) -> bool:
 
 
 async def wait_for_trace(
-    tempo: Tempo, trace_id: str, services: set[str], timeout: float = 90
+    jaeger: Jaeger, trace_id: str, services: set[str], timeout: float = 90
 ) -> dict[str, list[dict[str, Any]]]:
     deadline = time.monotonic() + timeout
     seen: dict[str, list[dict[str, Any]]] = {}
     while time.monotonic() < deadline:
-        trace = await asyncio.to_thread(tempo.trace, trace_id)
+        trace = await asyncio.to_thread(jaeger.trace, trace_id)
         seen = spans_by_service(trace or {})
-        # Spans reach Tempo in each process's own export batches: wait until the
+        # Spans reach Jaeger in each process's own export batches: wait until the
         # Kafka consumers' parents (the relays' producer spans) have come too.
         if services <= set(seen) and _consumers_have_parents(seen):
             return seen
@@ -532,15 +530,15 @@ async def wait_for_trace(
         return seen  # the assertions say which parent is missing
     raise AssertionError(
         f"trace {trace_id}: spans of {sorted(seen)}, missing {sorted(services - set(seen))}\n"
-        f"tempo log:\n{tempo.tail()}"
+        f"jaeger log:\n{jaeger.tail()}"
     )
 
 
 async def test_one_order_through_the_gateway_is_one_trace(
-    tempo: Tempo, run_dir: Path, new_database: Callable[[str], str], infra: Any
+    jaeger: Jaeger, run_dir: Path, new_database: Callable[[str], str], infra: Any
 ) -> None:
     async with whole_system(
-        run_dir, new_database, infra, OTEL_EXPORTER_OTLP_ENDPOINT=tempo.otlp_grpc
+        run_dir, new_database, infra, OTEL_EXPORTER_OTLP_ENDPOINT=jaeger.otlp_grpc
     ) as system:
         account = await system.account(1_000_000)
         await system.product("TEA-1", 300, 100)
@@ -551,10 +549,10 @@ async def test_one_order_through_the_gateway_is_one_trace(
             assert placed.json()["status"] == "confirmed", placed.text
         participants = {"orders", "payments", "inventory"}
         spans = await wait_for_trace(
-            tempo, two_pc, {"gateway", "coordinator", "notifications", *participants}
+            jaeger, two_pc, {"gateway", "coordinator", "notifications", *participants}
         )
         saga_spans = await wait_for_trace(
-            tempo, saga, {"gateway", "saga", "notifications", *participants}
+            jaeger, saga, {"gateway", "saga", "notifications", *participants}
         )
     for trace_id, found in ((two_pc, spans), (saga, saga_spans)):
         every = [s for service_spans in found.values() for s in service_spans]

@@ -11,8 +11,19 @@
 {{- printf "%s-%s" (include "obs.fullname" .root) .name -}}
 {{- end -}}
 
-{{/* app.kubernetes.io/name is the component (tempo, prometheus, grafana): charts/dtx's
-     NetworkPolicies select Prometheus and Tempo by it. */}}
+{{/* The trace store that runs: "tempo" or "jaeger" (tracing.backend, when that one is
+     enabled), or "" (none). */}}
+{{- define "obs.tracing" -}}
+{{- $backend := .Values.tracing.backend -}}
+{{- if and (eq $backend "tempo") .Values.tempo.enabled -}}
+tempo
+{{- else if and (eq $backend "jaeger") .Values.jaeger.enabled -}}
+jaeger
+{{- end -}}
+{{- end -}}
+
+{{/* app.kubernetes.io/name is the component (tempo, jaeger, prometheus, grafana):
+     charts/dtx's NetworkPolicies select Prometheus and the trace store by it. */}}
 {{- define "obs.selectorLabels" -}}
 app.kubernetes.io/name: {{ .name }}
 app.kubernetes.io/instance: {{ .root.Release.Name }}
