@@ -84,6 +84,7 @@ COMPONENTS = (
     "kubelet",
     "kube-proxy",
 )
+NODE_IMAGES = ("pause", "coredns")
 DEBIAN_PACKAGES = (
     "containerd",
     "runc",
@@ -242,6 +243,9 @@ class Cluster:
         bridge_nf = Path("/proc/sys/net/bridge/bridge-nf-call-iptables")
         if bridge_nf.exists():
             bridge_nf.write_text("1\n")
+        before = self.state_dir / "host-chains-before.json"
+        if not before.exists():  # the first up of this state: what the host had already
+            before.write_text(json.dumps(_kube_chains()))
         _iptables("-N", FORWARD_CHAIN, check=False)
         _iptables("-F", FORWARD_CHAIN)
         # Pods may talk to the cluster's own ranges only: nothing leaves the machine.
@@ -388,9 +392,17 @@ class Cluster:
         return self.containerd_socket.exists() and self.ctr("version", timeout=10).returncode == 0
 
     def _import_images(self) -> None:
+        self.load_images(NODE_IMAGES)
+
+    def load_images(self, names: Sequence[str]) -> None:
+        """Import built images into the node's containerd (``k8s.io``), those it lacks only.
+
+        The node itself needs the pause and CoreDNS images; the charts' images are loaded
+        by whoever installs them (a test, or ``dtx images build`` with a node up).
+        """
         from dtx_infra import images
 
-        images.import_into_containerd("ctr", str(self.containerd_socket), images.CLUSTER_IMAGES)
+        images.import_into_containerd("ctr", str(self.containerd_socket), names)
 
     # -- control plane -----------------------------------------------------------------------
 
@@ -611,6 +623,7 @@ class Cluster:
             if name in running:
                 terminate([running[name]], 15, f"stopping {name}")
         netns = self._pod_network_namespaces() if "containerd" in running else []
+        containers = self._container_ids() if "containerd" in running else []
         if "containerd" in running:
             self._kill_pod_tasks()
         for name in ("kube-scheduler", "kube-controller-manager", "kube-apiserver", "etcd"):
@@ -632,6 +645,15 @@ class Cluster:
                 [str(toolchain.binary("kube-proxy")), "--cleanup"],
                 capture_output=True, timeout=60, check=False,
             )  # fmt: skip
+        # What kube-proxy --cleanup leaves (the kubelet's KUBE-FIREWALL, say), unless the
+        # host had it before the first up.
+        before = self.state_dir / "host-chains-before.json"
+        had = json.loads(before.read_text()) if before.exists() else {}
+        for table, chains in _kube_chains().items():
+            for chain in chains:
+                if chain not in had.get(table, []):
+                    _remove_chain(table, chain)
+        _remove_host_files(self.state_dir, containers)
         if _iptables("-C", "FORWARD", "-j", FORWARD_CHAIN, check=False).returncode == 0:
             _iptables("-D", "FORWARD", "-j", FORWARD_CHAIN)
         _iptables("-F", FORWARD_CHAIN, check=False)
@@ -639,12 +661,13 @@ class Cluster:
         for link in (POD_BRIDGE, NODE_BRIDGE):
             if _link_exists(link):
                 _ip("link", "del", link)
-        for leftover in HOST_LEFTOVERS:
-            shutil.rmtree(leftover, ignore_errors=True)
         for pidfile in self.pids.glob("*.pid"):
             pidfile.unlink()
         if time.monotonic() > deadline:
             raise ClusterError(f"dtx cluster down took longer than {timeout_s:.0f}s")
+
+    def _container_ids(self) -> list[str]:
+        return self.ctr("containers", "list", "--quiet", timeout=30).stdout.split()
 
     def _pod_network_namespaces(self) -> list[str]:
         """The netns of every pod sandbox, from containerd's own records of them."""
@@ -737,6 +760,45 @@ def _iptables(*args: str, check: bool = True) -> subprocess.CompletedProcess[str
 
 def _link_exists(name: str) -> bool:
     return Path("/sys/class/net", name).exists()
+
+
+def _kube_chains() -> dict[str, list[str]]:
+    """The KUBE-* chains of each iptables table now."""
+    found: dict[str, list[str]] = {}
+    for table in ("filter", "nat", "mangle"):
+        out = _iptables("-t", table, "-S", check=False).stdout.splitlines()
+        found[table] = [line.split()[1] for line in out if line.startswith("-N KUBE-")]
+    return found
+
+
+def _remove_chain(table: str, chain: str) -> None:
+    """Drop every jump to ``chain`` in ``table``, then the chain itself."""
+    for line in _iptables("-t", table, "-S", check=False).stdout.splitlines():
+        parts = line.split()
+        if parts[:1] == ["-A"] and "-j" in parts and parts[parts.index("-j") + 1] == chain:
+            _iptables("-t", table, "-D", *parts[1:], check=False)
+    _iptables("-t", table, "-F", chain, check=False)
+    _iptables("-t", table, "-X", chain, check=False)
+
+
+def _remove_host_files(state_dir: Path, containers: Sequence[str]) -> None:
+    """What the kubelet and libcni write outside their configured directories."""
+    with contextlib.suppress(OSError):
+        for link in Path("/var/log/containers").iterdir():
+            if link.is_symlink() and os.readlink(link).startswith(str(state_dir)):
+                link.unlink()
+    with contextlib.suppress(OSError):
+        for cached in Path("/var/lib/cni/results").iterdir():
+            if any(cid in cached.name for cid in containers):
+                cached.unlink()
+    for leftover in HOST_LEFTOVERS:
+        shutil.rmtree(leftover, ignore_errors=True)
+    for directory in (
+        Path("/var/lib/cni/results"), Path("/var/lib/cni"), Path("/var/log/containers"),
+        Path("/var/lib/kubelet"),
+    ):  # fmt: skip
+        with contextlib.suppress(OSError):
+            directory.rmdir()  # only when empty: never what others keep there
 
 
 def _mounts_under(root: Path) -> list[Path]:
@@ -856,7 +918,8 @@ def _kubelet_config(
 
 def _coredns_manifest(image: str) -> str:
     """CoreDNS answering the cluster's names only: no ``forward``, so nothing leaves."""
-    corefile = f""".:53 {{
+    # Port 1053 in the pod: a non-root process may not bind 53; the Service maps 53 to it.
+    corefile = f""".:1053 {{
     errors
     health {{
         lameduck 2s
@@ -911,7 +974,7 @@ def _coredns_manifest(image: str) -> str:
                          "name": "coredns",
                          "image": image,
                          "imagePullPolicy": "Never",
-                         "args": ["-conf", "/etc/coredns/Corefile", "-dns.port", "1053"],
+                         "args": ["-conf", "/etc/coredns/Corefile"],
                          "ports": [{"name": "dns", "containerPort": 1053, "protocol": "UDP"},
                                    {"name": "dns-tcp", "containerPort": 1053,
                                     "protocol": "TCP"}],
