@@ -28,7 +28,7 @@ run: install
 bench: install
 	.venv/bin/dtx bench
 
-.PHONY: run bench install tools test lint typecheck unit integration e2e protos infra-up infra-down clean
+.PHONY: run bench install tools images test lint typecheck unit integration e2e protos infra-up infra-down clean
 
 install: .venv/.synced
 
@@ -42,6 +42,11 @@ $(UV):
 # Every compile and download the tests need happens here, never under a test's timeout.
 tools: install
 	.venv/bin/dtx toolchain build
+
+# The container images of the charts' pods, built here without a Docker engine (buildah,
+# mmdebstrap; root): OCI archives in ~/.cache/dtx/images, rebuilt only when an input changes.
+images: tools
+	.venv/bin/dtx images build
 
 protos: install
 	bash scripts/gen-protos.sh
@@ -59,11 +64,11 @@ unit: install
 integration: tools
 	$(PY) -m pytest $(PYTEST_PARALLEL) -m integration
 
-e2e: tools
+e2e: images
 	$(PY) -m pytest $(PYTEST_PARALLEL) -m e2e
 
 # The README's test command.
-test: lint typecheck tools
+test: lint typecheck images
 	$(PY) -m pytest $(PYTEST_PARALLEL)
 
 infra-up: install

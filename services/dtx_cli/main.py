@@ -12,6 +12,7 @@ import typer
 from dtx_cli.serve import SERVICES
 from dtx_cli.txn import txn_app
 from dtx_infra.cli import cluster_app, infra_app, toolchain_app
+from dtx_infra.images_cli import images_app
 
 # The local path last: its thousands of writes a second leave autovacuum and
 # checkpoint work behind that would otherwise land in the next path's figures.
@@ -165,6 +166,7 @@ def token(
 app.add_typer(infra_app, name="infra", help="Local PostgreSQL and Kafka: up, down, status.")
 app.add_typer(txn_app, name="txn")
 app.add_typer(toolchain_app, name="toolchain")
+app.add_typer(images_app, name="images")
 app.add_typer(cluster_app, name="cluster")
 
 if __name__ == "__main__":

@@ -618,20 +618,26 @@ class Cluster:
     def _down(self, timeout_s: float = 120.0) -> None:
         """Stop newest first, then remove every trace on the host; idempotent."""
         deadline = time.monotonic() + timeout_s
+        self.logs.mkdir(parents=True, exist_ok=True)
+        steps = _StepLog(self.logs / "down.log")
         running = {c.name: c.pid for c in self.components() if c.running and c.pid}
         for name in ("kube-proxy", "kubelet"):
             if name in running:
                 terminate([running[name]], 15, f"stopping {name}")
+                steps.done(f"stopped {name}")
         netns = self._pod_network_namespaces() if "containerd" in running else []
         containers = self._container_ids() if "containerd" in running else []
         if "containerd" in running:
             self._kill_pod_tasks()
+        steps.done(f"killed the tasks of {len(containers)} containers")
         for name in ("kube-scheduler", "kube-controller-manager", "kube-apiserver", "etcd"):
             if name in running:  # the API server before etcd, or its shutdown hangs
                 terminate([running[name]], 15, f"stopping {name}")
+                steps.done(f"stopped {name}")
         if "containerd" in running:
             terminate([running["containerd"]], 15, "stopping containerd")
         self._kill_orphan_shims()
+        steps.done("stopped containerd and its shims")
         for path in netns:
             _umount(Path(path))
             with contextlib.suppress(OSError):
@@ -639,6 +645,7 @@ class Cluster:
         for root in (self.state_dir, containerd_root(), Path("/run/containerd")):
             for mount in _mounts_under(root):
                 _umount(mount)
+        steps.done(f"unmounted {len(netns)} network namespaces and the pods' mounts")
         # kube-proxy's own chains (KUBE-SERVICES, KUBE-POSTROUTING, ...) go with its --cleanup.
         with contextlib.suppress(toolchain.ToolMissing, OSError, subprocess.SubprocessError):
             subprocess.run(
@@ -650,9 +657,8 @@ class Cluster:
         before = self.state_dir / "host-chains-before.json"
         had = json.loads(before.read_text()) if before.exists() else {}
         for table, chains in _kube_chains().items():
-            for chain in chains:
-                if chain not in had.get(table, []):
-                    _remove_chain(table, chain)
+            _remove_chains(table, [c for c in chains if c not in had.get(table, [])])
+        steps.done("removed the iptables chains")
         _remove_host_files(self.state_dir, containers)
         if _iptables("-C", "FORWARD", "-j", FORWARD_CHAIN, check=False).returncode == 0:
             _iptables("-D", "FORWARD", "-j", FORWARD_CHAIN)
@@ -663,8 +669,11 @@ class Cluster:
                 _ip("link", "del", link)
         for pidfile in self.pids.glob("*.pid"):
             pidfile.unlink()
+        steps.done("removed the bridges and host files")
         if time.monotonic() > deadline:
-            raise ClusterError(f"dtx cluster down took longer than {timeout_s:.0f}s")
+            raise ClusterError(
+                f"dtx cluster down took longer than {timeout_s:.0f}s", steps.path.read_text()
+            )
 
     def _container_ids(self) -> list[str]:
         return self.ctr("containers", "list", "--quiet", timeout=30).stdout.split()
@@ -705,6 +714,21 @@ class Cluster:
             if argv and argv[0].endswith(b"containerd-shim-runc-v2") and socket.encode() in argv:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(int(entry.name), signal.SIGKILL)
+
+
+class _StepLog:
+    """How long each step of ``down`` took, in logs/down.log: a slow teardown says where."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.last = time.monotonic()
+        path.write_text("")
+
+    def done(self, step: str) -> None:
+        now = time.monotonic()
+        with self.path.open("a") as out:
+            out.write(f"{now - self.last:6.1f}s  {step}\n")
+        self.last = now
 
 
 # -- helpers -----------------------------------------------------------------------------------
@@ -771,14 +795,26 @@ def _kube_chains() -> dict[str, list[str]]:
     return found
 
 
-def _remove_chain(table: str, chain: str) -> None:
-    """Drop every jump to ``chain`` in ``table``, then the chain itself."""
-    for line in _iptables("-t", table, "-S", check=False).stdout.splitlines():
-        parts = line.split()
-        if parts[:1] == ["-A"] and "-j" in parts and parts[parts.index("-j") + 1] == chain:
-            _iptables("-t", table, "-D", *parts[1:], check=False)
-    _iptables("-t", table, "-F", chain, check=False)
-    _iptables("-t", table, "-X", chain, check=False)
+def _remove_chains(table: str, chains: Sequence[str]) -> None:
+    """Drop every jump to ``chains`` in ``table``, then the chains: one iptables-restore
+    transaction, however many Service chains there are."""
+    if not chains:
+        return
+    doomed = set(chains)
+    lines = [f"*{table}"]
+    for rule in _iptables("-t", table, "-S", check=False).stdout.splitlines():
+        parts = rule.split()
+        jumps = "-j" in parts and parts[parts.index("-j") + 1] in doomed
+        if parts[:1] == ["-A"] and parts[1] not in doomed and jumps:
+            lines.append(" ".join(["-D", *parts[1:]]))
+    lines += [f"-F {chain}" for chain in chains] + [f"-X {chain}" for chain in chains]
+    lines.append("COMMIT\n")
+    result = subprocess.run(
+        ["iptables-restore", "-w", "10", "--noflush"], input="\n".join(lines),
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    if result.returncode != 0:
+        raise ClusterError(f"removing {len(chains)} {table} chains failed: {result.stderr}")
 
 
 def _remove_host_files(state_dir: Path, containers: Sequence[str]) -> None:
