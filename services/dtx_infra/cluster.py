@@ -628,7 +628,7 @@ class Cluster:
         netns = self._pod_network_namespaces() if "containerd" in running else []
         containers = self._container_ids() if "containerd" in running else []
         if "containerd" in running:
-            self._kill_pod_tasks()
+            self._kill_pod_tasks(containers)
         steps.done(f"killed the tasks of {len(containers)} containers")
         for name in ("kube-scheduler", "kube-controller-manager", "kube-apiserver", "etcd"):
             if name in running:  # the API server before etcd, or its shutdown hangs
@@ -691,15 +691,15 @@ class Cluster:
                         found.append(ns["path"])
         return sorted(set(found))
 
-    def _kill_pod_tasks(self) -> None:
-        listed = self.ctr("tasks", "list", "--quiet", timeout=30)
-        for cid in listed.stdout.split():
-            self.ctr("tasks", "kill", "--signal", "SIGKILL", cid, timeout=30)
-        for cid in listed.stdout.split():
-            for _ in range(20):
-                if self.ctr("tasks", "delete", cid, timeout=30).returncode == 0:
-                    break
-                time.sleep(0.25)
+    def _kill_pod_tasks(self, containers: Sequence[str]) -> None:
+        """Kill and delete every container of the node in two calls, not two per container
+        (seventy containers took 160 s one by one on a loaded machine). Deleting them keeps
+        containerd's root, which outlives the node for its images, free of stale pods."""
+        tasks = self.ctr("tasks", "list", "--quiet", timeout=30).stdout.split()
+        if tasks:
+            self.ctr("tasks", "delete", "--force", *tasks, timeout=120)
+        if containers:
+            self.ctr("containers", "delete", *containers, timeout=120)
 
     def _kill_orphan_shims(self) -> None:
         """Shims outlive containerd by design; ours name our socket on their command line."""

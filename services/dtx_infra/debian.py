@@ -29,6 +29,9 @@ CLUSTER_PACKAGES = (
     "umoci",
     "mmdebstrap",
     "busybox-static",
+    # The pause image is a static C program.
+    "gcc",
+    "libc6-dev",
 )
 
 
