@@ -2,36 +2,30 @@
 
 The operator runs as ``python -m dtx_operator`` with nothing but a token of the
 ``dtx-operator`` service account from k8s/operator/rbac.yaml, so every test also proves
-that RBAC is enough. The control plane has no kubelet: the tests play it, creating the
-coordinator's Pod object, setting its status, and copying the ConfigMap into the file a
-real coordinator process reads.
+that RBAC is enough. A policy reaching running coordinator pods through the kubelet's
+ConfigMap volume is tested on the real node (tests/e2e/test_cluster.py); nothing here
+plays the kubelet.
 """
 
 from __future__ import annotations
 
 import json
 import time
-import urllib.request
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import grpc
 import pytest
 
-from dtx.v1 import coordinator_pb2, coordinator_pb2_grpc
 from dtx_infra.kube import ControlPlane
 from tests.support.kube_harness import (
     OPERATOR_RBAC,
     AdminApi,
-    ConfigMapMount,
     OperatorProcess,
     eventually,
     install_crds,
     service_account_kubeconfig,
 )
-from tests.support.processes import ServiceProcess
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 
@@ -126,22 +120,6 @@ def ready_and_current(api: AdminApi, name: str) -> dict[str, Any] | None:
     current = status.get("observedGeneration") == txp["metadata"]["generation"]
     ok = condition(txp, "Ready").get("status") == "True"
     return txp if current and ok else None
-
-
-def policy_hash_of(service: ServiceProcess) -> str:
-    with urllib.request.urlopen(f"{service.http}/status", timeout=5) as resp:
-        found: str = json.load(resp)["policyHash"]
-        return found
-
-
-def run_transaction(endpoint: str) -> grpc.RpcError:
-    """A RunTransaction with no branches: refused either way, the question is how."""
-    with grpc.insecure_channel(endpoint) as channel:
-        stub = coordinator_pb2_grpc.CoordinatorStub(channel)
-        request = coordinator_pb2.RunTransactionRequest(gid=f"g-{uuid.uuid4().hex[:8]}")
-        with pytest.raises(grpc.RpcError) as refused:
-            stub.RunTransaction(request, timeout=10)
-        return refused.value
 
 
 # -- 0. no CRD, no operator -------------------------------------------------------------------
@@ -294,113 +272,6 @@ def test_defaults_are_filled_in(cp: ControlPlane) -> None:
     assert spec["timeouts"] == {"transactionMs": 10000}  # protocol-specific ones stay unset
     assert spec["retries"]["backoffMaxMs"] == 5000
     assert spec["recovery"]["onExhausted"] == "Park"
-
-
-# -- c. a change reaches a running coordinator, without a restart -----------------------------
-
-
-def test_change_reaches_running_coordinator(
-    cp: ControlPlane,
-    api: AdminApi,
-    operator: OperatorProcess,
-    new_database: Callable[[str], str],
-    run_dir: Path,
-) -> None:
-    spec: dict[str, Any] = {
-        "selector": {"matchLabels": {"app": "dtx-coordinator"}},
-        "participants": [{"name": "payments", "endpoint": "127.0.0.1:1"}],
-        "maxInFlight": 16,
-    }
-    apply(cp, "coord", spec)
-    eventually(lambda: get_cm(api, "coord-policy"), "ConfigMap coord-policy")
-    policy_file = run_dir / "policy.json"
-    mount = ConfigMapMount(api, NS, "coord-policy", "policy.json", policy_file)
-    assert mount.sync()  # the file is there before the container starts, as with a kubelet
-
-    coordinator = ServiceProcess(
-        "coordinator",
-        env={
-            "DTX_DATABASE_URL": new_database("coordinator"),
-            "DTX_POLICY_FILE": str(policy_file),
-            "DTX_PARTICIPANTS": "payments=127.0.0.1:1",
-            "DTX_REPLICA_ID": "coordinator-0",
-        },
-        log_dir=run_dir,
-    )
-    pod = {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {
-            "name": "coordinator-0",
-            "namespace": NS,
-            "labels": {"app": "dtx-coordinator"},
-            "annotations": {"dtx.dev/status-port": str(coordinator.http_port)},
-        },
-        "spec": {
-            "automountServiceAccountToken": False,
-            "containers": [{"name": "coordinator", "image": "dtx/coordinator:dev"}],
-        },
-    }
-    with mount:
-        coordinator.start(timeout=60)
-        try:
-            cp.kubectl("apply", "-f", "-", input=json.dumps(pod))
-            cp.kubectl(
-                "-n", NS, "patch", "pod", "coordinator-0", "--subresource=status",
-                "--type=merge", "-p",
-                json.dumps({"status": {"phase": "Running", "podIP": "127.0.0.1",
-                                       "podIPs": [{"ip": "127.0.0.1"}]}}),
-            )  # fmt: skip
-
-            def in_sync() -> dict[str, Any] | None:
-                txp = ready_and_current(api, "coord")
-                status = (txp or {}).get("status") or {}
-                return txp if status.get("coordinatorsInSync") == 1 else None
-
-            before = eventually(in_sync, "coordinator-0 in sync", timeout=20)
-            assert condition(before, "Ready")["reason"] == "AllCoordinatorsInSync"
-            assert before["status"]["coordinators"] == 1
-            old_hash = before["status"]["policyHash"]
-            assert policy_hash_of(coordinator) == old_hash
-            refused = run_transaction(coordinator.endpoint)
-            assert refused.code() == grpc.StatusCode.INVALID_ARGUMENT, refused.details()
-            pid = coordinator.pid
-
-            apply(cp, "coord", {**spec, "suspend": True})
-            after = eventually(
-                lambda: (txp := in_sync()) and txp["status"]["policyHash"] != old_hash and txp,
-                "the suspended policy in sync",
-                timeout=20,
-            )
-            new_hash = after["status"]["policyHash"]
-            assert after["status"]["observedGeneration"] == after["metadata"]["generation"] == 2
-            assert policy_hash_of(coordinator) == new_hash
-            assert coordinator.pid == pid
-            assert coordinator.process is not None
-            assert coordinator.process.poll() is None  # the same process, not restarted
-            refused = run_transaction(coordinator.endpoint)
-            assert refused.code() == grpc.StatusCode.UNAVAILABLE
-            assert "suspended" in (refused.details() or "")
-            assert mount.error is None
-
-            # A coordinator that stops answering makes the policy Degraded.
-            coordinator.terminate()
-
-            def unreachable() -> dict[str, Any] | None:
-                txp = get_txp(api, "coord")
-                reason = condition(txp, "Degraded").get("reason")
-                return txp if reason == "CoordinatorUnreachable" else None
-
-            degraded = eventually(unreachable, "Degraded/CoordinatorUnreachable", timeout=15)
-            assert condition(degraded, "Degraded")["status"] == "True"
-            assert condition(degraded, "Ready")["status"] == "False"
-        finally:
-            coordinator.terminate()
-            cp.kubectl("-n", NS, "delete", "pod", "coordinator-0", "--ignore-not-found",
-                       "--grace-period=0", "--force", check=False)  # fmt: skip
-    # No pod left: Ready again, with no coordinators.
-    txp = eventually(lambda: ready_and_current(api, "coord"), "coord Ready again", timeout=15)
-    assert condition(txp, "Ready")["reason"] == "NoCoordinators"
 
 
 # -- d. deleting a policy collects its ConfigMap ---------------------------------------------

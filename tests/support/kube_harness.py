@@ -1,6 +1,5 @@
 """Helpers for tests against the loopback control plane (dtx_infra.kube): the operator as a
-real process, a service-account kubeconfig, a tiny admin API client, and a stand-in for
-the kubelet (which the control plane has none of).
+real process, a service-account kubeconfig and a tiny admin API client.
 """
 
 from __future__ import annotations
@@ -12,7 +11,6 @@ import signal
 import ssl
 import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -167,50 +165,3 @@ class OperatorProcess:
 
     def tail(self, lines: int = 40) -> str:
         return "\n".join(self.log().splitlines()[-lines:])
-
-
-class ConfigMapMount:
-    """The kubelet's part for one pod: copy a ConfigMap key into a file when it changes.
-
-    Written atomically (write, then rename), as the kubelet's symlink swap is, so the
-    coordinator never reads half a file.
-    """
-
-    def __init__(
-        self, api: AdminApi, namespace: str, name: str, key: str, path: Path, interval: float = 0.3
-    ) -> None:
-        self._api, self._path, self._key, self._interval = api, path, key, interval
-        self._url = f"/api/v1/namespaces/{namespace}/configmaps/{name}"
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"mount-{name}", daemon=True)
-        self.copies = 0
-        self.error: BaseException | None = None
-
-    def sync(self) -> bool:
-        """Copy once; True if the file changed."""
-        cm = self._api.get(self._url)
-        if cm is None or self._key not in (cm.get("data") or {}):
-            return False
-        content = cm["data"][self._key]
-        if self._path.exists() and self._path.read_text() == content:
-            return False
-        tmp = self._path.with_name(f".{self._path.name}.tmp")
-        tmp.write_text(content)
-        tmp.replace(self._path)
-        self.copies += 1
-        return True
-
-    def _run(self) -> None:
-        while not self._stop.wait(self._interval):
-            try:
-                self.sync()
-            except Exception as exc:  # reported by stop(); the loop goes on
-                self.error = exc
-
-    def __enter__(self) -> ConfigMapMount:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(5)
