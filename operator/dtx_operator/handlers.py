@@ -19,9 +19,10 @@ from typing import Any
 
 import aiohttp
 import kopf
+from kubernetes_asyncio.client.exceptions import ApiException
 
 from dtx_operator import GROUP, PLURAL, VERSION, mapping
-from dtx_operator.kubeapi import ApiError, KubeApi
+from dtx_operator.kubeapi import KubeApi, describe
 from dtx_runtime.errors import ConfigError
 
 TIMER_INTERVAL_S = 3.0
@@ -44,11 +45,11 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
     settings.watching.connect_timeout = 10
-    api = memo["api"] = KubeApi(settings)
+    api = memo["api"] = KubeApi()
     memo["probe"] = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=PROBE_TIMEOUT_S))
     # With scanning off a CRD installed later would go unnoticed: better exit (and be
     # restarted) than run idle.
-    if await api.request("GET", f"/apis/{GROUP}/{VERSION}") is None:
+    if not await api.group_version_served(GROUP, VERSION):
         await _close_sessions(memo)
         raise kopf.PermanentError(
             f"{GROUP}/{VERSION} is not served: install the CRD (charts/dtx-crds) first"
@@ -118,9 +119,9 @@ async def _reconcile(
             kopf.warn(body, reason=applied.reason, message=applied.message)
     try:
         observations = await _observe(api, probe, namespace, spec.get("selector"))
-    except (ApiError, aiohttp.ClientError, TimeoutError) as exc:
+    except (ApiException, aiohttp.ClientError, TimeoutError) as exc:
         # Without the pods nothing true can be said of the coordinators: the next round.
-        logger.warning("cannot list the coordinator pods: %s", exc)
+        logger.warning("cannot list the coordinator pods: %s", _failure(exc))
         return
     status = mapping.compute_status(
         generation=int(body.metadata.get("generation") or 0),
@@ -139,9 +140,9 @@ async def _reconcile(
     try:
         await api.patch_policy_status(namespace, name, patch)
         memo["status"] = status
-    except ApiError as exc:
+    except ApiException as exc:
         if exc.status != 404:  # 404: deleted meanwhile, nothing left to report on
-            logger.warning("cannot patch the status: %s", exc)
+            logger.warning("cannot patch the status: %s", describe(exc))
     except (aiohttp.ClientError, TimeoutError) as exc:
         logger.warning("cannot patch the status: %s", exc)
 
@@ -171,10 +172,15 @@ async def _write_configmap(
                 namespace, cm_name, mapping.configmap_update(actual, desired)
             )
             logger.info("ConfigMap %s updated to policy %s", cm_name, rendered.hash)
-    except (ApiError, aiohttp.ClientError, TimeoutError) as exc:
+    except (ApiException, aiohttp.ClientError, TimeoutError) as exc:
         # A conflict (someone wrote in between) or an outage: the timer tries again.
-        return mapping.Applied(False, "ConfigMapWriteFailed", str(exc)[:1000])
+        return mapping.Applied(False, "ConfigMapWriteFailed", _failure(exc)[:1000])
     return written
+
+
+def _failure(exc: Exception) -> str:
+    """An API error as its status and message; a network error as itself."""
+    return describe(exc) if isinstance(exc, ApiException) else str(exc)
 
 
 async def _observe(

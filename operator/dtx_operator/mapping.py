@@ -16,6 +16,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from kubernetes_asyncio.client import V1LabelSelector, V1LabelSelectorRequirement
+
 from dtx_runtime.policy import TransactionPolicy, parse_policy
 
 POLICY_KEY = "policy.json"
@@ -128,20 +130,40 @@ def configmap_update(actual: Mapping[str, Any], desired: Mapping[str, Any]) -> J
 # -- which pods are coordinators -----------------------------------------------------------
 
 
+def label_selector(selector: Mapping[str, Any] | None) -> V1LabelSelector | None:
+    """``spec.selector`` as the API's LabelSelector object; None selects nothing."""
+    if selector is None:
+        return None
+    expressions = [
+        V1LabelSelectorRequirement(
+            key=expr["key"], operator=expr["operator"], values=list(expr.get("values") or [])
+        )
+        for expr in selector.get("matchExpressions") or []
+    ]
+    return V1LabelSelector(
+        match_labels={str(k): str(v) for k, v in (selector.get("matchLabels") or {}).items()},
+        match_expressions=expressions,
+    )
+
+
 def label_selector_query(selector: Mapping[str, Any] | None) -> str | None:
     """A LabelSelector as the API's ``labelSelector`` query; None selects nothing.
 
-    As everywhere in Kubernetes, an empty selector (``{}``) selects every pod.
+    As everywhere in Kubernetes, an empty selector (``{}``) selects every pod. The list
+    calls take only this query form, and neither Python client can write it from a
+    ``V1LabelSelector`` (client-go's ``metav1.LabelSelectorAsSelector`` has no counterpart
+    there), so it is written here, from the library's object.
     """
-    if selector is None:
+    found = label_selector(selector)
+    if found is None:
         return None
-    terms = [f"{k}={v}" for k, v in sorted((selector.get("matchLabels") or {}).items())]
-    for expr in selector.get("matchExpressions") or []:
-        key, op, values = expr["key"], expr["operator"], list(expr.get("values") or [])
+    terms = [f"{k}={v}" for k, v in sorted((found.match_labels or {}).items())]
+    for expr in found.match_expressions or []:
+        key, op, values = expr.key, expr.operator, ",".join(expr.values or [])
         if op == "In":
-            terms.append(f"{key} in ({','.join(values)})")
+            terms.append(f"{key} in ({values})")
         elif op == "NotIn":
-            terms.append(f"{key} notin ({','.join(values)})")
+            terms.append(f"{key} notin ({values})")
         elif op == "Exists":
             terms.append(key)
         elif op == "DoesNotExist":

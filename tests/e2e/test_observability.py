@@ -44,6 +44,7 @@ from dtx_gateway.auth import mint_token
 from dtx_infra import toolchain
 from dtx_infra.kube import REPO_ROOT
 from dtx_runtime.outbox import delete_topics
+from tests.support.dashboards import as_promql, dashboard_expressions
 from tests.support.stack import Stack
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(3 * 3600)]
@@ -51,7 +52,6 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(3 * 3600)]
 OBSERVABILITY = REPO_ROOT / "observability"
 RULES = OBSERVABILITY / "rules" / "dtx-alerts.yaml"
 RULE_TESTS = OBSERVABILITY / "rules" / "dtx-alerts.test.yaml"
-DASHBOARDS = sorted((OBSERVABILITY / "dashboards").glob("*.json"))
 SECRET = "e2e-observability-secret-0123456789abcdef"
 TOPICS = ("dtx.orders", "dtx.payments", "dtx.inventory", "dtx.deadletter")
 # Made by Prometheus itself, not by a dtx service.
@@ -109,31 +109,6 @@ def test_alerts_cover_the_failure_modes_and_each_is_tested() -> None:
     for name, rule in rules.items():
         assert rule["labels"]["severity"] in ("warning", "critical"), name
         assert {"summary", "description"} <= set(rule["annotations"]), name
-
-
-def dashboard_expressions() -> list[tuple[str, str]]:
-    found = []
-    for path in DASHBOARDS:
-        board = json.loads(path.read_text())
-        panels = [p for top in board["panels"] for p in (top, *top.get("panels", []))]
-        for panel in panels:
-            for target in panel.get("targets", []):
-                found.append((f"{path.name}: {panel['title']} [{target['refId']}]", target["expr"]))
-        for variable in board["templating"]["list"]:
-            query = variable.get("query")
-            if variable["type"] == "query" and isinstance(query, dict):
-                found.append((f"{path.name}: variable {variable['name']}", query["query"]))
-    return found
-
-
-def as_promql(expr: str) -> str:
-    """Grafana's macros and variables replaced the way Grafana does before querying."""
-    for macro in ("__rate_interval", "__interval", "__range"):
-        expr = expr.replace(f"${{{macro}}}", "5m").replace(f"${macro}", "5m")
-    expr = re.sub(r"\$\{?[A-Za-z_][A-Za-z0-9_]*\}?", ".+", expr)
-    # label_values(metric, label) is Grafana's, not PromQL: its metric selector is.
-    match = re.fullmatch(r"label_values\((.+),\s*[A-Za-z_][A-Za-z0-9_]*\)", expr.strip())
-    return match.group(1) if match else expr
 
 
 def check_as_rules(

@@ -263,3 +263,15 @@ async def test_a_failing_handler_is_retried_then_dead_lettered() -> None:
     await loop._handle(producer, record)
     assert dict(producer.sent[0][2])["dlq-reason"] == b"handler-error"
     assert db.applied == []
+
+
+def test_every_dead_letter_reason_is_exported_at_zero_before_the_first() -> None:
+    """The inbox dashboard's dead-letter panel has a series from the start."""
+    from prometheus_client import REGISTRY, generate_latest
+
+    from dtx_runtime.inbox import consumer  # noqa: F401  (defines and initialises the counter)
+    from dtx_runtime.inbox.classify import REASONS
+
+    text = generate_latest(REGISTRY).decode()
+    for reason in REASONS:
+        assert f'dtx_deadletter_total{{reason="{reason}"}}' in text, reason

@@ -23,6 +23,7 @@ UNKNOWN_TYPE = "unknown-type"
 UNSUPPORTED_VERSION = "unsupported-schema-version"
 INVALID_PAYLOAD = "invalid-payload"
 HANDLER_ERROR = "handler-error"
+REASONS = (MALFORMED, UNKNOWN_TYPE, UNSUPPORTED_VERSION, INVALID_PAYLOAD, HANDLER_ERROR)
 
 DLQ_REASON = "dlq-reason"
 DLQ_SOURCE_TOPIC = "dlq-source-topic"

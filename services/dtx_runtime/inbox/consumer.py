@@ -42,6 +42,7 @@ from dtx_runtime.failpoints import failpoint
 from dtx_runtime.inbox.classify import (
     HANDLER_ERROR,
     INVALID_PAYLOAD,
+    REASONS,
     Rejected,
     Supported,
     classify,
@@ -63,6 +64,10 @@ DUPLICATES = Counter(
 DEADLETTERED = Counter(
     "dtx_deadletter_total", "Records sent to the dead-letter topic, by reason.", ["reason"]
 )
+# Every reason exported at 0 from the start: rate() over it, and the dashboard panel that
+# draws it, have a series before the first dead letter instead of "no data".
+for _reason in REASONS:
+    DEADLETTERED.labels(_reason)
 LAG = Gauge(
     "dtx_consumer_lag",
     "Records behind the partition's high watermark (highwater - position).",
