@@ -9,8 +9,9 @@ payments, inventory and itself, and reads orders. As a participant
 CONFIRMED in the same global transaction that charges and reserves. A
 reconciler settles orders whose outcome PlaceOrder did not learn.
 
-Where things are: ``handlers.py`` (gRPC API and PlaceOrder's flow),
-``reconciler.py`` (the background settler), ``participant.py``
+Where things are: ``handlers.py`` (gRPC API, translation only),
+``placement.py`` (PlaceOrder's flow, and finishing a PENDING order, which the
+reconciler shares), ``reconciler.py`` (the background settler), ``participant.py``
 (confirm_order's ResourceManager), ``domain.py`` (validation, state machine,
 pricing, outcomes), ``storage.py`` (SQL), ``metrics.py``, ``migrations/``.
 """

@@ -13,8 +13,9 @@ from dtx.v1 import (
     saga_pb2_grpc,
 )
 from dtx_orders.config import OrdersSettings
-from dtx_orders.handlers import OrdersServicer, Remotes
+from dtx_orders.handlers import OrdersServicer
 from dtx_orders.participant import ConfirmOrderManager
+from dtx_orders.placement import Placement, Remotes
 from dtx_orders.reconciler import RemoteLookup, run_reconciler
 from dtx_runtime import ServiceContext, ServiceDefinition
 from dtx_runtime.channels import Channels
@@ -47,20 +48,18 @@ async def setup(ctx: ServiceContext[OrdersSettings]) -> None:
     confirmations = ConfirmOrderManager()
     barrier = wire_participant(ctx, confirmations)
     wire_outbox(ctx, barrier)
-    orders_pb2_grpc.add_OrdersServicer_to_server(
-        OrdersServicer(
-            ctx.db,
-            remotes,
-            barrier,
-            transaction_timeout_ms=settings.transaction_timeout_ms,
-            transaction_call_s=settings.transaction_call_seconds,
-            lookup_timeout_s=settings.lookup_timeout_seconds,
-            price_cache_s=settings.price_cache_seconds,
-            allow_uncoordinated=settings.allow_uncoordinated,
-            confirmed=confirmations.confirmed,
-        ),
-        ctx.server,
+    placement = Placement(
+        ctx.db,
+        remotes,
+        barrier,
+        transaction_timeout_ms=settings.transaction_timeout_ms,
+        transaction_call_s=settings.transaction_call_seconds,
+        lookup_timeout_s=settings.lookup_timeout_seconds,
+        price_cache_s=settings.price_cache_seconds,
+        allow_uncoordinated=settings.allow_uncoordinated,
+        confirmed=confirmations.confirmed,
     )
+    orders_pb2_grpc.add_OrdersServicer_to_server(OrdersServicer(ctx.db, placement), ctx.server)
     pool = ctx.db
     lookup = RemoteLookup(remotes.coordinator, remotes.saga, settings.lookup_timeout_seconds)
     ctx.run_in_background(

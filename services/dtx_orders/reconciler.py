@@ -13,7 +13,8 @@ unreachable, timed out, or the orders service stopped mid-call. After
   saga is aborted (``AbortSaga`` records a tombstone), so its order is CANCELLED.
 
 Each settlement writes its event (``order.rejected``, ``order.failed``,
-``order.cancelled``) with the status change, through :func:`handlers.settle`.
+``order.cancelled``) with the status change, through
+:func:`~dtx_orders.placement.finish_pending_order`, as PlaceOrder's own does.
 
 Orders are read in pages after a cursor, so a pass reaches every old
 PENDING order even when the oldest ones stay undecided. Every call has a
@@ -35,8 +36,8 @@ import grpc
 from dtx.v1 import coordinator_pb2, coordinator_pb2_grpc, saga_pb2_grpc, transactions_pb2
 from dtx_orders import domain, storage
 from dtx_orders.domain import Protocol, Settlement, Status
-from dtx_orders.handlers import settle
 from dtx_orders.metrics import RECONCILE_ERRORS, RECONCILE_WAITING, RECONCILED
+from dtx_orders.placement import finish_pending_order
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +136,7 @@ async def reconcile_once(
                 settlement = await lookup(protocol, row["gid"])
                 if settlement is None:
                     return "waiting"
-                if await settle(pool, row["id"], settlement) is None:
+                if await finish_pending_order(pool, row["id"], settlement) is None:
                     return "waiting"  # settled meanwhile, or still held by its transaction
                 RECONCILED.labels(protocol.value, settlement.status.value).inc()
                 log.info(

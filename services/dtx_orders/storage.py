@@ -146,7 +146,7 @@ async def list_orders(conn: Conn, account_id: uuid.UUID, limit: int) -> list[asy
     )
 
 
-async def settle(
+async def finish_pending(
     conn: Conn, order_id: uuid.UUID, status: Status, reason: str, *, lock_timeout_ms: int
 ) -> asyncpg.Record | None:
     """PENDING → ``status``; the updated order, or None when it was no longer PENDING.

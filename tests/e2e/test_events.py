@@ -266,10 +266,13 @@ async def test_poison_records_are_dead_lettered_and_later_events_still_processed
         unknown.SerializeToString(): "unknown-type",
         future.SerializeToString(): "unsupported-schema-version",
     }
+    # Every reason is exported from the start; the three poison records count once each.
     assert samples(stack, "notifications", "dtx_deadletter_total") == {
         '{reason="malformed"}': 1.0,
         '{reason="unknown-type"}': 1.0,
         '{reason="unsupported-schema-version"}': 1.0,
+        '{reason="invalid-payload"}': 0.0,
+        '{reason="handler-error"}': 0.0,
     }
 
     async def caught_up() -> bool:

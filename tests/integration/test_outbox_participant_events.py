@@ -21,8 +21,8 @@ from dtx.v1 import common_pb2, events_pb2
 from dtx_inventory.participant import ReserveManager
 from dtx_orders import storage as orders_storage
 from dtx_orders.domain import Protocol, Settlement, Status
-from dtx_orders.handlers import settle
 from dtx_orders.participant import ConfirmOrderManager
+from dtx_orders.placement import finish_pending_order
 from dtx_payments.participant import ChargeManager
 from dtx_runtime.participant.barrier import CompensationRefused
 from tests.integration.test_participants import (
@@ -154,17 +154,21 @@ async def test_order_events_follow_the_order(orders: asyncpg.Pool) -> None:
     await b.commit(confirmed.gid, "order")
 
     rejected = await place_pending(orders)
-    await settle(orders, rejected.id, Settlement(Status.REJECTED, "insufficient funds"))
+    await finish_pending_order(
+        orders, rejected.id, Settlement(Status.REJECTED, "insufficient funds")
+    )
     failed = await place_pending(orders)
-    await settle(orders, failed.id, Settlement(Status.FAILED, "prepare timed out"))
-    assert await settle(orders, failed.id, Settlement(Status.FAILED, "again")) is None
+    await finish_pending_order(orders, failed.id, Settlement(Status.FAILED, "prepare timed out"))
+    assert await finish_pending_order(orders, failed.id, Settlement(Status.FAILED, "again")) is None
 
     saga = await place_pending(orders, Protocol.SAGA)
     assert (await b.execute(saga.gid, "order", confirm(saga.id))).yes
     with pytest.raises(CompensationRefused, match="a confirmed order is final"):
         await b.compensate(saga.gid, "order")  # confirm is the saga's pivot: no event
     cancelled = await place_pending(orders, Protocol.SAGA)
-    await settle(orders, cancelled.id, Settlement(Status.CANCELLED, "stock: out of stock"))
+    await finish_pending_order(
+        orders, cancelled.id, Settlement(Status.CANCELLED, "stock: out of stock")
+    )
 
     direct = await place_pending(orders, Protocol.UNCOORDINATED)
     async with orders.acquire() as conn:

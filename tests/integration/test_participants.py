@@ -29,8 +29,8 @@ from dtx_inventory.storage import create_product
 from dtx_orders import domain as orders_domain
 from dtx_orders import storage as orders_storage
 from dtx_orders.domain import Price, Protocol, Settlement, Status
-from dtx_orders.handlers import settle
 from dtx_orders.participant import ConfirmOrderManager
+from dtx_orders.placement import finish_pending_order
 from dtx_orders.reconciler import reconcile_once
 from dtx_payments.domain import NewAccount
 from dtx_payments.participant import ChargeManager
@@ -537,20 +537,26 @@ async def test_confirm_prepare_then_commit(orders_db: asyncpg.Pool) -> None:
     assert (await status(orders_db, order.id))[0] == "PENDING"
 
     # While prepared, the row is held: settling it gives up instead of waiting.
-    assert await settle(orders_db, order.id, Settlement(Status.FAILED, "late")) is None
+    assert (
+        await finish_pending_order(orders_db, order.id, Settlement(Status.FAILED, "late")) is None
+    )
 
     await b.commit(order.gid, "order")
     assert (await status(orders_db, order.id))[0] == "CONFIRMED"
     assert await prepared(orders_db) == []
     # Settled already: a late settlement changes nothing.
-    assert await settle(orders_db, order.id, Settlement(Status.FAILED, "late")) is None
+    assert (
+        await finish_pending_order(orders_db, order.id, Settlement(Status.FAILED, "late")) is None
+    )
     assert (await status(orders_db, order.id))[0] == "CONFIRMED"
 
 
 async def test_confirm_refusals(orders_db: asyncpg.Pool) -> None:
     order = await place_pending(orders_db)
     b = barrier(orders_db, ConfirmOrderManager())
-    settled = await settle(orders_db, order.id, Settlement(Status.REJECTED, "no money"))
+    settled = await finish_pending_order(
+        orders_db, order.id, Settlement(Status.REJECTED, "no money")
+    )
     assert settled is not None
     assert settled["status"] == "REJECTED"
 
@@ -577,7 +583,9 @@ async def test_confirm_abort_leaves_the_order_pending(orders_db: asyncpg.Pool) -
     assert (await b.prepare(order.gid, "order", confirm(order.id))).yes
     await b.abort(order.gid, "order")
     assert (await status(orders_db, order.id))[0] == "PENDING"
-    settled = await settle(orders_db, order.id, Settlement(Status.FAILED, "coordinator gave up"))
+    settled = await finish_pending_order(
+        orders_db, order.id, Settlement(Status.FAILED, "coordinator gave up")
+    )
     assert settled is not None
     assert (settled["status"], settled["reason"]) == ("FAILED", "coordinator gave up")
 

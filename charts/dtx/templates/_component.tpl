@@ -126,9 +126,11 @@ spec:
       {{- end }}
       {{- if $policy }}
       initContainers:
-        # The operator writes the policy ConfigMap once the TransactionPolicy exists; the
-        # service refuses to start without its policy file, so wait for it (bounded: past
-        # the wait the service starts, names the missing file and is restarted).
+        # The operator writes the policy ConfigMap once the TransactionPolicy exists. Without
+        # the file the service starts anyway, on the built-in defaults (dtx_runtime.policy),
+        # not on this release's TransactionPolicy, so wait for it (bounded: past the wait the
+        # service starts on the defaults, logs the missing file, and switches to it once the
+        # kubelet writes it, without a restart).
         - name: wait-for-policy
           image: {{ include "dtx.image" $root }}
           imagePullPolicy: {{ $v.image.pullPolicy }}
