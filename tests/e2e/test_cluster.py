@@ -22,10 +22,14 @@ Nothing here builds: a missing tool or image fails at once, naming ``make images
 from __future__ import annotations
 
 import base64
+import concurrent.futures
 import json
+import os
+import random
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -35,6 +39,7 @@ from dtx_gateway.auth import mint_token
 from dtx_infra import images, toolchain
 from dtx_infra.cluster import NODE_IP, Cluster, running
 from dtx_infra.kube import REPO_ROOT
+from tests.support.dashboards import as_promql, dashboard_expressions
 
 pytestmark = [pytest.mark.e2e, pytest.mark.cluster, pytest.mark.timeout(2400)]
 
@@ -100,7 +105,14 @@ def image_values() -> list[str]:
 
 
 def observability_values() -> list[str]:
-    sets = ["tracing.backend=jaeger", "grafana.enabled=false"]
+    # Scraped and evaluated every 5 s here (the chart's 15 s is right for users): rate()
+    # windows fill, and alerts evaluate, within a test's patience.
+    sets = [
+        "tracing.backend=jaeger",
+        "grafana.enabled=false",
+        "prometheus.scrapeInterval=5s",
+        "prometheus.evaluationInterval=5s",
+    ]
     for key, name in (("jaeger.image", "jaeger"), ("prometheus.image", "prometheus")):
         ref, _ = images.archive(name)
         repository, tag = ref.rsplit(":", 1)
@@ -209,10 +221,24 @@ def secret_value(cluster: Cluster, namespace: str, selector: str, key: str) -> s
     raise AssertionError(f"no secret with {key} among {selector}")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def admin(installed: Cluster) -> dict[str, str]:
+    """An admin token, once the gateway's NodePort answers (it is waited for, bounded, and
+    any wait is printed: a refused connection after the rollout is worth knowing about)."""
     secret = jwt_secret(installed)
-    return {"Authorization": f"Bearer {mint_token(secret, 'admin', 'e2e', 3600)}"}
+    headers = {"Authorization": f"Bearer {mint_token(secret, 'admin', 'e2e', 3600)}"}
+    started = time.monotonic()
+
+    def answers() -> bool:
+        try:
+            return httpx.get(f"{GATEWAY}/v1/products/NONE", headers=headers).status_code == 404
+        except httpx.HTTPError:
+            return False
+
+    eventually(answers, "the gateway's NodePort answering", timeout=120)
+    if (waited := time.monotonic() - started) > 1:
+        print(f"waited {waited:.1f}s for the gateway's NodePort to answer")
+    return headers
 
 
 def jwt_secret(cluster: Cluster) -> str:
@@ -267,7 +293,9 @@ def test_orders_through_the_gateway_reach_their_outcomes(
         assert (product["available"], product["reserved"]) == (1, 4)
 
         def notified() -> list[dict[str, Any]] | None:
-            got = http.get(f"/v1/accounts/{account}/notifications", headers=admin)
+            got = http.get(
+                f"/v1/accounts/{account}/notifications", params={"limit": 500}, headers=admin
+            )
             items: list[dict[str, Any]] = got.json().get(
                 "notifications", got.json().get("items", [])
             )
@@ -389,8 +417,310 @@ def test_a_policy_change_reaches_the_coordinator_pods(
         assert resumed.json()["status"] == "confirmed", resumed.text
 
 
+# -- traces and metrics from the pods -----------------------------------------------------------
+
+
+def service_url(cluster: Cluster, namespace: str, name: str, port: int) -> str:
+    """A Service's ClusterIP: kube-proxy's rules route the node's own traffic to it too."""
+    ip = cluster.kubectl(
+        "-n", namespace, "get", "svc", name, "-o", "jsonpath={.spec.clusterIP}"
+    ).stdout.strip()
+    return f"http://{ip}:{port}"
+
+
+def spans_by_service(trace: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    found: dict[str, list[dict[str, Any]]] = {}
+    for batch in trace.get("resourceSpans") or []:
+        attributes = {a["key"]: a["value"] for a in batch["resource"].get("attributes", [])}
+        service = attributes.get("service.name", {}).get("stringValue", "?")
+        for scope in batch.get("scopeSpans") or []:
+            found.setdefault(service, []).extend(scope.get("spans", []))
+    return found
+
+
+def test_one_order_is_one_trace_across_the_pods(installed: Cluster, admin: dict[str, str]) -> None:
+    jaeger = service_url(installed, OBS_NS, "dtx-observability-jaeger", 16686)
+    trace_id = uuid.uuid4().hex
+    with httpx.Client(base_url=GATEWAY, timeout=30) as http:
+        account = http.post(
+            "/v1/accounts", headers=admin,
+            json={"owner": "tia", "currency": "EUR", "balance_minor": 10_000},
+        ).json()["id"]  # fmt: skip
+        sku = f"INK-{uuid.uuid4().hex[:6].upper()}"
+        http.post(
+            "/v1/products", headers=admin,
+            json={"sku": sku, "name": "ink", "price_minor": 100, "stock": 10},
+        )  # fmt: skip
+        placed = http.post(
+            "/v1/orders",
+            headers={**admin, "Idempotency-Key": uuid.uuid4().hex,
+                     "traceparent": f"00-{trace_id}-{uuid.uuid4().hex[:16]}-01"},
+            json={"account_id": account, "items": [{"sku": sku, "quantity": 1}],
+                  "protocol": "2pc"},
+        )  # fmt: skip
+        assert placed.json()["status"] == "confirmed", placed.text
+    wanted = {"gateway", "orders", "coordinator", "payments", "inventory", "notifications"}
+
+    def whole_trace() -> dict[str, list[dict[str, Any]]] | None:
+        got = httpx.get(f"{jaeger}/api/v3/traces/{trace_id}", timeout=10)
+        if got.status_code != 200:
+            return None
+        found = spans_by_service(got.json()["result"])
+        return found if wanted <= set(found) else None
+
+    found = eventually(whole_trace, f"trace {trace_id} from every service's pod", timeout=120)
+    every = [s for spans in found.values() for s in spans]
+    assert {s["traceId"] for s in every} == {trace_id}
+    print(f"trace {trace_id}: { ({k: len(v) for k, v in sorted(found.items())}) }")
+
+
+def prometheus_query(url: str, expr: str) -> list[dict[str, Any]]:
+    got = httpx.get(f"{url}/api/v1/query", params={"query": expr}, timeout=30)
+    assert got.status_code == 200, (expr, got.text)
+    result: list[dict[str, Any]] = got.json()["data"]["result"]
+    return result
+
+
+def test_prometheus_scrapes_every_service_pod(installed: Cluster) -> None:
+    prometheus = service_url(installed, OBS_NS, "dtx-observability-prometheus", 9090)
+    scraped = {
+        p["metadata"]["name"]
+        for p in pods(installed, NS)
+        if p["metadata"].get("annotations", {}).get("prometheus.io/scrape") == "true"
+    }
+    assert len(scraped) >= 9, scraped
+
+    def all_up() -> set[str] | None:
+        up = prometheus_query(prometheus, 'up{part_of="dtx"} == 1')
+        pods_up = {r["metric"]["pod"] for r in up}
+        return pods_up if scraped <= pods_up else None
+
+    eventually(all_up, "every dtx pod scraped and up", timeout=120)
+    families = prometheus_query(
+        prometheus, 'count by (service) ({__name__=~"dtx_.+", namespace="dtx"})'
+    )
+    services = {r["metric"]["service"] for r in families}
+    assert {"gateway", "orders", "payments", "inventory", "coordinator", "saga",
+            "notifications"} <= services, services  # fmt: skip
+
+
+def test_every_dashboard_query_returns_series(installed: Cluster) -> None:
+    """After the orders above (both protocols, a refusal and a cancellation), every panel
+    of every dashboard has something to draw."""
+    prometheus = service_url(installed, OBS_NS, "dtx-observability-prometheus", 9090)
+    found = dashboard_expressions()
+    assert len(found) > 40
+    empty: dict[str, str] = {}
+    deadline = time.monotonic() + 180
+    pending = dict(found)
+    while pending and time.monotonic() < deadline:
+        empty = {}
+        for where, expr in pending.items():
+            if not prometheus_query(prometheus, as_promql(expr)):
+                empty[where] = expr
+        pending = empty
+        if pending:
+            time.sleep(10)
+    assert not empty, f"panels with no series after load: {json.dumps(empty, indent=1)}"
+
+
 def test_no_pod_restarted(installed: Cluster) -> None:
     for ns in (NS, OBS_NS):
         for pod in pods(installed, ns):
             for status in pod["status"].get("containerStatuses") or []:
                 assert status["restartCount"] == 0, (pod["metadata"]["name"], status)
+
+
+# -- pods deleted under load: money and stock conserved ------------------------------------------
+
+KILL_TARGETS = ("coordinator", "saga", "payments", "inventory", "orders", "gateway")
+LOAD_SECONDS = 60.0
+KILL_EVERY_SECONDS = 8.0
+CLIENTS = 4
+KILL_ACCOUNTS, KILL_BALANCE = 6, 100_000
+KILL_PRODUCTS = {"BOLT": (100, 2_000), "NUT": (150, 2_000), "GEAR": (700, 15)}
+
+
+@dataclass
+class Op:
+    """One client request as a Jepsen history sees it: ok, fail (definitely not done) or
+    info (no answer: possibly done, never counted as not done)."""
+
+    kind: str
+    protocol: str
+    order_id: str | None = None
+    status: str | None = None
+
+
+def _client(
+    admin: dict[str, str], accounts: list[str], skus: list[str], seed: int, until: float
+) -> list[Op]:
+    rng = random.Random(seed)
+    ops: list[Op] = []
+    with httpx.Client(base_url=GATEWAY, timeout=15) as http:
+        while time.monotonic() < until:
+            protocol = rng.choice(("2pc", "saga"))
+            # Some orders are bound to fail: more than the stock of GEAR, or a big one.
+            items = [{"sku": s, "quantity": rng.choice((1, 1, 2, 9))} for s in
+                     rng.sample(skus, rng.choice((1, 2)))]  # fmt: skip
+            try:
+                got = http.post(
+                    "/v1/orders",
+                    headers={**admin, "Idempotency-Key": uuid.uuid4().hex},
+                    json={"account_id": rng.choice(accounts), "items": items,
+                          "protocol": protocol},
+                )  # fmt: skip
+            except httpx.HTTPError:
+                ops.append(Op("info", protocol))
+                time.sleep(0.5)  # the gateway's pod is being replaced: no busy loop
+                continue
+            if got.status_code == 201:
+                body = got.json()
+                ops.append(Op("ok", protocol, body["id"], body["status"]))
+            elif 400 <= got.status_code < 500 and got.status_code not in (408, 409, 429):
+                ops.append(Op("fail", protocol))
+            else:  # 5xx, 408, 409, 429: the gateway cannot say it was not done
+                ops.append(Op("info", protocol))
+            time.sleep(rng.uniform(0.0, 0.2))
+    return ops
+
+
+def _nemesis(cluster: Cluster, seed: int, until: float) -> list[str]:
+    rng = random.Random(seed)
+    deleted: list[str] = []
+    while time.monotonic() + KILL_EVERY_SECONDS < until:
+        time.sleep(KILL_EVERY_SECONDS)
+        target = rng.choice(KILL_TARGETS)
+        running = [
+            p["metadata"]["name"] for p in pods(cluster, NS)
+            if p["metadata"].get("labels", {}).get("app.kubernetes.io/component") == target
+            and p["status"].get("phase") == "Running"
+        ]  # fmt: skip
+        if running:
+            victim = rng.choice(running)
+            cluster.kubectl(
+                "-n", NS, "delete", "pod", victim, "--grace-period=0", "--force", "--wait=false"
+            )  # fmt: skip
+            deleted.append(victim)
+    return deleted
+
+
+def _seen(http: httpx.Client, admin: dict[str, str], accounts: list[str]) -> set[str]:
+    """The orders that have at least one notification."""
+    found: set[str] = set()
+    for account in accounts:
+        got = http.get(
+            f"/v1/accounts/{account}/notifications", params={"limit": 500}, headers=admin
+        )
+        found |= {n["order_id"] for n in got.json()["notifications"]}
+    return found
+
+
+def prepared_transactions(cluster: Cluster) -> list[str]:
+    out = cluster.kubectl(
+        "-n", NS, "exec", "statefulset/dtx-postgresql", "--", "sh", "-c",
+        'psql -U postgres -At -h /var/run/postgresql -c "SELECT gid FROM pg_prepared_xacts"',
+    ).stdout  # fmt: skip
+    return out.split()
+
+
+def test_deleted_pods_under_load_conserve_money_and_stock(
+    installed: Cluster, admin: dict[str, str]
+) -> None:
+    seed = int(os.environ.get("DTX_KILL_SEED", str(random.randrange(1 << 30))))
+    print(f"kill test seed {seed} (DTX_KILL_SEED reruns it)")
+    suffix = uuid.uuid4().hex[:6].upper()
+    skus = [f"{name}-{suffix}" for name in KILL_PRODUCTS]
+    with httpx.Client(base_url=GATEWAY, timeout=30) as http:
+        accounts = [
+            http.post(
+                "/v1/accounts", headers=admin,
+                json={"owner": f"k{i}", "currency": "EUR", "balance_minor": KILL_BALANCE},
+            ).json()["id"]
+            for i in range(KILL_ACCOUNTS)
+        ]  # fmt: skip
+        for sku, (price, stock) in zip(skus, KILL_PRODUCTS.values(), strict=True):
+            made = http.post(
+                "/v1/products", headers=admin,
+                json={"sku": sku, "name": sku, "price_minor": price, "stock": stock},
+            )  # fmt: skip
+            assert made.status_code == 201, made.text
+    until = time.monotonic() + LOAD_SECONDS
+    with concurrent.futures.ThreadPoolExecutor(CLIENTS + 1) as pool:
+        clients = [
+            pool.submit(_client, admin, accounts, skus, seed + i, until) for i in range(CLIENTS)
+        ]
+        nemesis = pool.submit(_nemesis, installed, seed, until)
+        ops = [op for c in clients for op in c.result(timeout=LOAD_SECONDS + 120)]
+        deleted = nemesis.result(timeout=LOAD_SECONDS + 120)
+    assert deleted, "the nemesis deleted no pod"
+    installed.kubectl("-n", NS, "rollout", "status", "deployment", "--timeout=300s", timeout=320)
+
+    with httpx.Client(base_url=GATEWAY, timeout=30) as http:
+
+        def every_order_terminal() -> list[dict[str, Any]] | None:
+            found: list[dict[str, Any]] = []
+            for account in accounts:
+                got = http.get("/v1/orders", params={"account_id": account, "limit": 500},
+                               headers=admin)  # fmt: skip
+                if got.status_code != 200:
+                    return None
+                page = got.json()["orders"]
+                assert len(page) < 500, "more orders than one page: raise the limit"
+                found += page
+            return found if all(o["status"] != "pending" for o in found) else None
+
+        orders = eventually(every_order_terminal, "every order terminal", timeout=240)
+
+        def read(path: str) -> dict[str, Any]:
+            got = http.get(path, headers=admin)
+            assert got.status_code == 200, (path, got.status_code, got.text)
+            body: dict[str, Any] = got.json()
+            return body
+
+        balances = {a: read(f"/v1/accounts/{a}")["balance_minor"] for a in accounts}
+        products = {s: read(f"/v1/products/{s}") for s in skus}
+        known = {o["id"]: o for o in orders}
+        # Every order a client saw placed exists; what got no answer may or may not.
+        for op in ops:
+            if op.kind == "ok":
+                assert op.order_id in known, f"an acknowledged order vanished: {op}"
+        confirmed = [o for o in orders if o["status"] == "confirmed"]
+        charged = sum(o["total_minor"] for o in confirmed)
+        assert all(b >= 0 for b in balances.values())
+        assert sum(balances.values()) + charged == KILL_ACCOUNTS * KILL_BALANCE, "money"
+        for sku, (_, stock) in zip(skus, KILL_PRODUCTS.values(), strict=True):
+            wanted = sum(i["quantity"] for o in confirmed for i in o["items"] if i["sku"] == sku)
+            p = products[sku]
+            assert p["available"] >= 0
+            assert p["reserved"] >= 0
+            assert p["available"] + p["reserved"] == stock, f"{sku} not conserved: {p}"
+            assert p["reserved"] == wanted, f"{sku}: reserved {p['reserved']}, orders {wanted}"
+        assert prepared_transactions(installed) == [], "prepared transactions left behind"
+
+        def one_notification_each() -> dict[str, int] | None:
+            seen: dict[str, int] = {}
+            for account in accounts:
+                got = http.get(
+                    f"/v1/accounts/{account}/notifications", params={"limit": 500}, headers=admin
+                )
+                for n in got.json()["notifications"]:
+                    seen[n["order_id"]] = seen.get(n["order_id"], 0) + 1
+            return seen if set(seen) >= set(known) else None
+
+        try:
+            notified = eventually(one_notification_each, "a notification per order", timeout=180)
+        except AssertionError:
+            seen = _seen(http, admin, accounts)
+            missing = [
+                {k: known[i][k] for k in ("status", "protocol", "reason", "created_at")}
+                for i in set(known) - seen
+            ]
+            raise AssertionError(f"orders without a notification: {missing}") from None
+        assert {k: v for k, v in notified.items() if v != 1} == {}, "duplicate notifications"
+    counts = {kind: sum(op.kind == kind for op in ops) for kind in ("ok", "fail", "info")}
+    statuses = {s: sum(o["status"] == s for o in orders) for s in {o["status"] for o in orders}}
+    print(
+        f"kill test: {len(ops)} requests {counts}, {len(orders)} orders {statuses}, "
+        f"{len(deleted)} pods deleted ({', '.join(deleted)}), 0 violations"
+    )
