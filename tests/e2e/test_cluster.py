@@ -353,6 +353,18 @@ def txp(cluster: Cluster, name: str = "default") -> dict[str, Any]:
     return found
 
 
+def apply_policy(cluster: Cluster, *, suspend: bool) -> None:
+    """`kubectl apply` of the default policy as a user edits it: its spec, suspended or not."""
+    current = txp(cluster)
+    edited = {
+        "apiVersion": current["apiVersion"],
+        "kind": current["kind"],
+        "metadata": {"name": "default", "namespace": NS},
+        "spec": {**current["spec"], "suspend": suspend},
+    }
+    cluster.kubectl("apply", "-f", "-", input=json.dumps(edited))
+
+
 def in_sync(cluster: Cluster, old_hash: str | None = None) -> dict[str, Any] | None:
     policy = txp(cluster)
     status = policy.get("status") or {}
@@ -390,10 +402,7 @@ def test_a_policy_change_reaches_the_coordinator_pods(
         )  # fmt: skip
         first = place(http, admin, account, sku, 1, "2pc")
         assert first.json()["status"] == "confirmed", first.text
-        installed.kubectl(
-            "-n", NS, "patch", "transactionpolicy", "default", "--type=merge",
-            "-p", json.dumps({"spec": {"suspend": True}}),
-        )  # fmt: skip
+        apply_policy(installed, suspend=True)
         started = time.monotonic()
         after = eventually(
             lambda: in_sync(installed, old_hash), "the suspended policy in sync", timeout=180
@@ -404,10 +413,7 @@ def test_a_policy_change_reaches_the_coordinator_pods(
         held = place(http, admin, account, sku, 1, "2pc")
         assert held.status_code == 201, held.text
         assert held.json()["status"] == "pending", held.text
-        installed.kubectl(
-            "-n", NS, "patch", "transactionpolicy", "default", "--type=merge",
-            "-p", json.dumps({"spec": {"suspend": False}}),
-        )  # fmt: skip
+        apply_policy(installed, suspend=False)
         eventually(
             lambda: in_sync(installed, after["status"]["policyHash"]),
             "the resumed policy in sync",
