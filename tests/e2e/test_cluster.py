@@ -530,6 +530,35 @@ def test_every_dashboard_query_returns_series(installed: Cluster) -> None:
     assert not empty, f"panels with no series after load: {json.dumps(empty, indent=1)}"
 
 
+def test_the_alert_rules_load_into_prometheus(installed: Cluster) -> None:
+    """Every alert of observability/rules is loaded, evaluated and healthy. (Making one
+    fire on the node is not done here yet: see the notes of the cluster issue.)"""
+    import yaml
+
+    prometheus = service_url(installed, OBS_NS, "dtx-observability-prometheus", 9090)
+    wanted = {
+        rule["alert"]
+        for group in yaml.safe_load(
+            (REPO_ROOT / "observability" / "rules" / "dtx-alerts.yaml").read_text()
+        )["groups"]
+        for rule in group["rules"]
+        if "alert" in rule
+    }
+
+    def loaded() -> dict[str, str] | None:
+        got = httpx.get(f"{prometheus}/api/v1/rules", params={"type": "alert"}, timeout=10)
+        rules = {
+            r["name"]: r["health"]
+            for g in got.json()["data"]["groups"]
+            for r in g["rules"]
+            if r.get("lastEvaluation", "").startswith("2")
+        }
+        return rules if wanted <= set(rules) else None
+
+    rules = eventually(loaded, "every alert rule evaluated", timeout=60)
+    assert {name: rules[name] for name in wanted} == dict.fromkeys(wanted, "ok")
+
+
 def test_no_pod_restarted(installed: Cluster) -> None:
     for ns in (NS, OBS_NS):
         for pod in pods(installed, ns):
@@ -630,11 +659,8 @@ def prepared_transactions(cluster: Cluster) -> list[str]:
     return out.split()
 
 
-def test_deleted_pods_under_load_conserve_money_and_stock(
-    installed: Cluster, admin: dict[str, str]
-) -> None:
-    seed = int(os.environ.get("DTX_KILL_SEED", str(random.randrange(1 << 30))))
-    print(f"kill test seed {seed} (DTX_KILL_SEED reruns it)")
+def seed_shop(admin: dict[str, str]) -> tuple[list[str], list[str]]:
+    """Accounts and products of their own for one load test: (account ids, skus)."""
     suffix = uuid.uuid4().hex[:6].upper()
     skus = [f"{name}-{suffix}" for name in KILL_PRODUCTS]
     with httpx.Client(base_url=GATEWAY, timeout=30) as http:
@@ -651,17 +677,33 @@ def test_deleted_pods_under_load_conserve_money_and_stock(
                 json={"sku": sku, "name": sku, "price_minor": price, "stock": stock},
             )  # fmt: skip
             assert made.status_code == 201, made.text
+    return accounts, skus
+
+
+def run_load(
+    admin: dict[str, str],
+    accounts: list[str],
+    skus: list[str],
+    seed: int,
+    nemesis: Callable[[float], list[str]],
+) -> tuple[list[Op], list[str]]:
+    """CLIENTS clients placing orders for LOAD_SECONDS while ``nemesis`` runs until the
+    same deadline; the clients' history and what the nemesis did."""
     until = time.monotonic() + LOAD_SECONDS
     with concurrent.futures.ThreadPoolExecutor(CLIENTS + 1) as pool:
         clients = [
             pool.submit(_client, admin, accounts, skus, seed + i, until) for i in range(CLIENTS)
         ]
-        nemesis = pool.submit(_nemesis, installed, seed, until)
-        ops = [op for c in clients for op in c.result(timeout=LOAD_SECONDS + 120)]
-        deleted = nemesis.result(timeout=LOAD_SECONDS + 120)
-    assert deleted, "the nemesis deleted no pod"
-    installed.kubectl("-n", NS, "rollout", "status", "deployment", "--timeout=300s", timeout=320)
+        done = pool.submit(nemesis, until)
+        ops = [op for c in clients for op in c.result(timeout=LOAD_SECONDS + 300)]
+        return ops, done.result(timeout=LOAD_SECONDS + 300)
 
+
+def check_conserved(
+    cluster: Cluster, admin: dict[str, str], accounts: list[str], skus: list[str], ops: list[Op]
+) -> list[dict[str, Any]]:
+    """The invariants after a load: every order terminal, money and stock conserved, no
+    prepared transaction left, one notification per order. Returns the orders."""
     with httpx.Client(base_url=GATEWAY, timeout=30) as http:
 
         def every_order_terminal() -> list[dict[str, Any]] | None:
@@ -676,7 +718,9 @@ def test_deleted_pods_under_load_conserve_money_and_stock(
                 found += page
             return found if all(o["status"] != "pending" for o in found) else None
 
-        orders = eventually(every_order_terminal, "every order terminal", timeout=240)
+        orders: list[dict[str, Any]] = eventually(
+            every_order_terminal, "every order terminal", timeout=240
+        )
 
         def read(path: str) -> dict[str, Any]:
             got = http.get(path, headers=admin)
@@ -702,7 +746,7 @@ def test_deleted_pods_under_load_conserve_money_and_stock(
             assert p["reserved"] >= 0
             assert p["available"] + p["reserved"] == stock, f"{sku} not conserved: {p}"
             assert p["reserved"] == wanted, f"{sku}: reserved {p['reserved']}, orders {wanted}"
-        assert prepared_transactions(installed) == [], "prepared transactions left behind"
+        assert prepared_transactions(cluster) == [], "prepared transactions left behind"
 
         def one_notification_each() -> dict[str, int] | None:
             seen: dict[str, int] = {}
@@ -724,9 +768,87 @@ def test_deleted_pods_under_load_conserve_money_and_stock(
             ]
             raise AssertionError(f"orders without a notification: {missing}") from None
         assert {k: v for k, v in notified.items() if v != 1} == {}, "duplicate notifications"
+    return orders
+
+
+def test_deleted_pods_under_load_conserve_money_and_stock(
+    installed: Cluster, admin: dict[str, str]
+) -> None:
+    seed = int(os.environ.get("DTX_KILL_SEED", str(random.randrange(1 << 30))))
+    print(f"kill test seed {seed} (DTX_KILL_SEED reruns it)")
+    accounts, skus = seed_shop(admin)
+    ops, deleted = run_load(
+        admin, accounts, skus, seed, lambda until: _nemesis(installed, seed, until)
+    )
+    assert deleted, "the nemesis deleted no pod"
+    installed.kubectl("-n", NS, "rollout", "status", "deployment", "--timeout=300s", timeout=320)
+    orders = check_conserved(installed, admin, accounts, skus, ops)
     counts = {kind: sum(op.kind == kind for op in ops) for kind in ("ok", "fail", "info")}
     statuses = {s: sum(o["status"] == s for o in orders) for s in {o["status"] for o in orders}}
     print(
         f"kill test: {len(ops)} requests {counts}, {len(orders)} orders {statuses}, "
         f"{len(deleted)} pods deleted ({', '.join(deleted)}), 0 violations"
     )
+
+
+def _ready_count(cluster: Cluster, component: str) -> int:
+    return sum(
+        1 for p in pods(cluster, NS)
+        if p["metadata"].get("labels", {}).get("app.kubernetes.io/component") == component
+        and ready(p) and not p["metadata"].get("deletionTimestamp")
+    )  # fmt: skip
+
+
+def _rolling_restarts(cluster: Cluster, until: float) -> list[str]:
+    """Restart the coordinators and the orchestrators (two replicas each, a PDB of
+    maxUnavailable 1) while sampling how many of each stay Ready."""
+    least = {"coordinator": 2, "saga": 2}
+    time.sleep(5)
+    cluster.kubectl("-n", NS, "rollout", "restart", "deployment/dtx-coordinator",
+                    "deployment/dtx-saga")  # fmt: skip
+    restarted = time.monotonic()
+    while time.monotonic() < until or time.monotonic() - restarted < 30:
+        for component in least:
+            least[component] = min(least[component], _ready_count(cluster, component))
+        status = cluster.kubectl(
+            "-n", NS, "rollout", "status", "deployment/dtx-coordinator", "--timeout=1s",
+            check=False,
+        )  # fmt: skip
+        if status.returncode == 0 and time.monotonic() >= until:
+            break
+        time.sleep(0.5)
+    return [f"{component}>={n}" for component, n in least.items()]
+
+
+def test_rolling_restarts_under_load_keep_every_outcome(
+    installed: Cluster, admin: dict[str, str]
+) -> None:
+    seed = random.randrange(1 << 30)
+    accounts, skus = seed_shop(admin)
+    before = {
+        component: {
+            p["metadata"]["name"] for p in pods(installed, NS)
+            if p["metadata"].get("labels", {}).get("app.kubernetes.io/component") == component
+        }
+        for component in ("coordinator", "saga")
+    }  # fmt: skip
+    ops, least_ready = run_load(
+        admin, accounts, skus, seed, lambda until: _rolling_restarts(installed, until)
+    )
+    for deployment in ("dtx-coordinator", "dtx-saga"):
+        installed.kubectl("-n", NS, "rollout", "status", f"deployment/{deployment}",
+                          "--timeout=300s", timeout=320)  # fmt: skip
+    # The PDBs (maxUnavailable 1) and the rollout kept at least one of each Ready
+    # throughout (the rollout's surge keeps two here), and every pod was replaced.
+    assert all(int(entry.split(">=")[1]) >= 1 for entry in least_ready), least_ready
+    for component in ("coordinator", "saga"):
+        now = {
+            p["metadata"]["name"] for p in pods(installed, NS)
+            if p["metadata"].get("labels", {}).get("app.kubernetes.io/component") == component
+        }  # fmt: skip
+        assert now.isdisjoint(before[component]), (component, now, before[component])
+    orders = check_conserved(installed, admin, accounts, skus, ops)
+    # For the notes: how many requests the restarts cost an answer.
+    counts = {kind: sum(op.kind == kind for op in ops) for kind in ("ok", "fail", "info")}
+    print(f"rolling restarts: {len(ops)} requests {counts}, {len(orders)} orders, "
+          f"ready throughout {least_ready}")  # fmt: skip
