@@ -39,7 +39,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from dtx_infra import toolchain
+from dtx_infra import debian, toolchain
 from dtx_infra.errors import InfraError
 from dtx_infra.kube import (
     SERVICE_ACCOUNT_ISSUER,
@@ -85,14 +85,6 @@ COMPONENTS = (
     "kube-proxy",
 )
 NODE_IMAGES = ("pause", "coredns")
-DEBIAN_PACKAGES = (
-    "containerd",
-    "runc",
-    "containernetworking-plugins",
-    "iptables",
-    "conntrack",
-    "iproute2",
-)
 
 
 class ClusterError(InfraError):
@@ -733,15 +725,8 @@ class _StepLog:
 
 # -- helpers -----------------------------------------------------------------------------------
 
-_GO_BINARIES = (
-    "etcd",
-    "kube-apiserver",
-    "kube-controller-manager",
-    "kube-scheduler",
-    "kubelet",
-    "kube-proxy",
-    "kubectl",
-)
+# The node's Go-built parts: the Kubernetes group and etcd (see dtx_infra.toolchain).
+_GO_BINARIES = (*toolchain.group("kubernetes").binaries, "etcd")
 
 
 def _check_host() -> None:
@@ -757,7 +742,7 @@ def _check_host() -> None:
     if missing:
         raise ClusterError(
             f"missing on this machine: {', '.join(missing)}; `make tools` installs "
-            f"the Debian packages {' '.join(DEBIAN_PACKAGES)}"
+            f"the Debian packages {' '.join(debian.CLUSTER_PACKAGES)}"
         )
 
 

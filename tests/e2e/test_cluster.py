@@ -40,6 +40,8 @@ from dtx_infra import images, toolchain
 from dtx_infra.cluster import NODE_IP, Cluster, running
 from dtx_infra.kube import REPO_ROOT
 from tests.support.dashboards import as_promql, dashboard_expressions
+from tests.support.kube_harness import eventually
+from tests.support.traces import spans_by_service
 
 pytestmark = [pytest.mark.e2e, pytest.mark.cluster, pytest.mark.timeout(2400)]
 
@@ -51,16 +53,6 @@ NS = "dtx"
 OBS_NS = "observability"
 GATEWAY_NODE_PORT = 30080
 GATEWAY = f"http://{NODE_IP}:{GATEWAY_NODE_PORT}"
-
-
-def eventually(check: Callable[[], Any], what: str, timeout: float = 60.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"not within {timeout:.0f}s: {what}"
-        time.sleep(1)
 
 
 def helm(cluster: Cluster, *args: str, timeout: float = 900) -> str:
@@ -432,16 +424,6 @@ def service_url(cluster: Cluster, namespace: str, name: str, port: int) -> str:
         "-n", namespace, "get", "svc", name, "-o", "jsonpath={.spec.clusterIP}"
     ).stdout.strip()
     return f"http://{ip}:{port}"
-
-
-def spans_by_service(trace: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
-    found: dict[str, list[dict[str, Any]]] = {}
-    for batch in trace.get("resourceSpans") or []:
-        attributes = {a["key"]: a["value"] for a in batch["resource"].get("attributes", [])}
-        service = attributes.get("service.name", {}).get("stringValue", "?")
-        for scope in batch.get("scopeSpans") or []:
-            found.setdefault(service, []).extend(scope.get("spans", []))
-    return found
 
 
 def test_one_order_is_one_trace_across_the_pods(installed: Cluster, admin: dict[str, str]) -> None:

@@ -46,6 +46,7 @@ from dtx_infra.kube import REPO_ROOT
 from dtx_runtime.outbox import delete_topics
 from tests.support.dashboards import as_promql, dashboard_expressions
 from tests.support.stack import Stack
+from tests.support.traces import spans_by_service
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(3 * 3600)]
 
@@ -459,17 +460,6 @@ def jaeger(tmp_path: Path) -> Iterator[Jaeger]:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
-
-
-def spans_by_service(trace: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
-    """service.name -> spans, from OTLP JSON (resourceSpans, as Jaeger's api_v3 returns)."""
-    found: dict[str, list[dict[str, Any]]] = {}
-    for batch in trace.get("resourceSpans") or []:
-        attributes = {a["key"]: a["value"] for a in batch["resource"].get("attributes", [])}
-        service = attributes.get("service.name", {}).get("stringValue", "?")
-        for scope in batch.get("scopeSpans") or []:
-            found.setdefault(service, []).extend(scope.get("spans", []))
-    return found
 
 
 def hex_id(value: str) -> str:
