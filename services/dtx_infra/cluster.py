@@ -47,6 +47,7 @@ from dtx_infra.kube import (
     issue_certificate,
     key_pem,
     kubeconfig_json,
+    run_kubectl,
 )
 from dtx_infra.locking import file_lock
 from dtx_infra.procs import pid_alive, read_pidfile, spawn_detached, tail_file, terminate
@@ -142,20 +143,10 @@ class Cluster:
     def kubectl(
         self, *args: str, input: str | None = None, check: bool = True, timeout: float = 120.0
     ) -> subprocess.CompletedProcess[str]:
-        result = subprocess.run(
-            [str(toolchain.binary("kubectl")), f"--kubeconfig={self.kubeconfig}", *args],
-            input=input,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=False,
-        )
-        if check and result.returncode != 0:
-            raise ClusterError(
-                f"kubectl {' '.join(args)} failed (exit {result.returncode}): "
-                f"{result.stderr.strip()}"
-            )
-        return result
+        return run_kubectl(
+            toolchain.binary("kubectl"), self.kubeconfig, args,
+            input=input, check=check, timeout=timeout, error=ClusterError,
+        )  # fmt: skip
 
     # -- up ----------------------------------------------------------------------------------
 

@@ -260,20 +260,10 @@ class ControlPlane:
     ) -> subprocess.CompletedProcess[str]:
         """Run the pinned kubectl as cluster admin; raise KubeError (with stderr) if it fails
         and ``check`` is true."""
-        result = subprocess.run(
-            [str(self.binaries.kubectl), f"--kubeconfig={self.kubeconfig}", *args],
-            input=input,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=False,
-        )
-        if check and result.returncode != 0:
-            raise KubeError(
-                f"kubectl {' '.join(args)} failed (exit {result.returncode}): "
-                f"{result.stderr.strip()}"
-            )
-        return result
+        return run_kubectl(
+            self.binaries.kubectl, self.kubeconfig, args,
+            input=input, check=check, timeout=timeout, error=KubeError,
+        )  # fmt: skip
 
     def _spawn(self, name: str, argv: list[str]) -> _Process:
         log = self.state_dir / "logs" / f"{name}.log"
@@ -379,6 +369,33 @@ class ControlPlane:
             )
             path.chmod(0o600)
         return paths
+
+
+def run_kubectl(
+    kubectl: Path,
+    kubeconfig: Path,
+    args: tuple[str, ...],
+    *,
+    input: str | None,
+    check: bool,
+    timeout: float,
+    error: type[RuntimeError],
+) -> subprocess.CompletedProcess[str]:
+    """kubectl with one kubeconfig, bounded; ``error`` (naming the command and its stderr)
+    when it fails and ``check`` is true. Shared by the control plane and the node."""
+    result = subprocess.run(
+        [str(kubectl), f"--kubeconfig={kubeconfig}", *args],
+        input=input,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    if check and result.returncode != 0:
+        raise error(
+            f"kubectl {' '.join(args)} failed (exit {result.returncode}): {result.stderr.strip()}"
+        )
+    return result
 
 
 CertAndKey = tuple[x509.Certificate, ec.EllipticCurvePrivateKey]
