@@ -705,7 +705,13 @@ def check_conserved(
         )
 
         def read(path: str) -> dict[str, Any]:
-            got = http.get(path, headers=admin)
+            # After pods were replaced the gateway's channel may still be in its reconnect
+            # backoff: a 503 is waited out (bounded); the state read is what is checked.
+            def answered() -> httpx.Response | None:
+                got = http.get(path, headers=admin)
+                return got if got.status_code != 503 else None
+
+            got = eventually(answered, f"GET {path} answered", timeout=120)
             assert got.status_code == 200, (path, got.status_code, got.text)
             body: dict[str, Any] = got.json()
             return body
